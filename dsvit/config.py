@@ -1,0 +1,360 @@
+"""Typed run configuration: YAML recipe + dotted ``key=value`` overrides -> validated dataclasses.
+
+Configuration flows one way: ``load_config`` builds a :class:`Config` once at start, ``validate``
+checks it (errors name the key and say what to change), and components receive their own section.
+Plugin sections are declared by the plugins themselves (``dsvit.plugins.REGISTRY``) so this module
+names no plugin.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional, get_args, get_origin, get_type_hints
+
+import yaml
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+RECIPE_DIR = PACKAGE_DIR / "recipes"
+DS_CONFIG_DIR = PACKAGE_DIR.parent / "ds_configs"
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; the message says which key and what to do."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"        # run directory: logs, resolved config, checkpoints
+    seed: int = 0
+    ds_config: str = "zero0"         # name in ds_configs/ or a path to a DeepSpeed JSON
+    precision: str = "auto"          # auto (as the DeepSpeed JSON says) | fp32 | bf16 | fp16
+    zero_stage: int = -1             # -1: as the DeepSpeed JSON says; else override 0..3
+    max_steps: int = -1              # stop after this many optimizer steps (-1: train.epochs)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_tiny_patch16_224"
+    img_size: int = 224
+    patch_size: Optional[int] = None   # None: the timm model's default
+    embed_dim: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_ratio: Optional[float] = None
+    num_classes: int = 1000            # the dataset's class count overrides this when known
+    drop_path_rate: float = 0.0
+    global_pool: str = "token"
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    root: str = "synthetic"            # shard folder with _info.json, or "synthetic" (embedded dataset)
+    train_split: str = "train"
+    val_split: str = "val"
+    shards: str = ""                   # brace pattern/URLs overriding the _info.json shard list
+    mode: str = "resampled"            # resampled | partitioned
+    workers: int = 2
+    shuffle_buffer: int = 1000
+    steps_per_epoch: int = -1          # -1: derived from sample count / global batch
+    corrupt: str = "skip"              # skip (and count) | raise
+    # timm transforms
+    hflip: float = 0.5
+    scale_min: float = 0.08
+    auto_augment: str = ""             # e.g. rand-m9-mstd0.5-inc1; "" = off
+    color_jitter: float = 0.0
+    reprob: float = 0.0
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+    mean: tuple = (0.485, 0.456, 0.406)
+    std: tuple = (0.229, 0.224, 0.225)
+    synthetic_train: int = 10000       # embedded dataset sizes
+    synthetic_val: int = 2000
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128              # global batch per optimizer step (all ranks, all micro-steps)
+    grad_accum: int = 1
+    eval_batch_size: int = 256         # global
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_lr: float = 1e-6
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.05
+    betas: tuple = (0.9, 0.999)
+    clip_grad: float = 0.0             # 0: off; written into the DeepSpeed config
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    ema_decay: float = 0.0             # 0: no EMA
+    eval_every_epochs: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0               # 0: only at epoch ends
+    every_epochs: int = 1
+    keep_last: int = 2
+    resume: str = ""                   # "" | auto | path to a checkpoint tag directory
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 10
+    tensorboard: bool = True
+    progress: bool = True
+    image_every_steps: int = 0         # plugins' image grids; 0 = off
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    plugins: dict = field(default_factory=dict)   # name -> plugin config dataclass
+
+
+SECTIONS = [f.name for f in fields(Config)]
+
+
+# ---------------------------------------------------------------- building
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def recipe_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    cand = RECIPE_DIR / f"{name_or_path}.yaml"
+    if cand.exists():
+        return cand
+    raise ConfigError(f"recipe '{name_or_path}' not found: give a YAML path or one of {list_recipes()}")
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    origin = get_origin(typ)
+    if origin is Optional or (origin is not None and type(None) in get_args(typ)):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        typ = [a for a in get_args(typ) if a is not type(None)][0]
+    try:
+        if typ is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if typ is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if typ is float:
+            return float(value)
+        if typ is str:
+            return str(value)
+        if typ is tuple or origin is tuple:
+            if isinstance(value, str):
+                value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
+            return tuple(value)
+        if typ is list or origin is list:
+            if isinstance(value, str):
+                value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
+            return list(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: cannot read {value!r} as {getattr(typ, '__name__', typ)}") from None
+    return value
+
+
+def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return ConfigError(f"unknown key '{where}{key}'{hint}; valid keys at this level: {', '.join(valid)}")
+
+
+def _set_fields(obj: Any, values: dict, where: str) -> None:
+    hints = get_type_hints(type(obj))
+    names = [f.name for f in fields(obj)]
+    for k, v in values.items():
+        if k not in names:
+            raise _unknown_key(k, names, where)
+        setattr(obj, k, _coerce(v, hints[k], where + k))
+
+
+def _plugin_registry() -> dict:
+    from dsvit.plugins import REGISTRY
+    return REGISTRY
+
+
+def _set_plugin(cfg: Config, name: str, values: dict) -> None:
+    registry = _plugin_registry()
+    if name not in registry:
+        raise _unknown_key(name, sorted(registry), "plugins.")
+    if name not in cfg.plugins:
+        cfg.plugins[name] = registry[name].config_class()
+    if not isinstance(values, dict):
+        raise ConfigError(f"plugins.{name} must be a mapping of keys, got {values!r}")
+    _set_fields(cfg.plugins[name], values, f"plugins.{name}.")
+
+
+def apply_mapping(cfg: Config, data: dict) -> None:
+    for section, values in (data or {}).items():
+        if section not in SECTIONS:
+            raise _unknown_key(section, SECTIONS, "")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"section '{section}' must be a mapping of keys, got {values!r}")
+        if section == "plugins":
+            for name, pv in values.items():
+                _set_plugin(cfg, name, pv or {})
+        else:
+            _set_fields(getattr(cfg, section), values, section + ".")
+
+
+def apply_override(cfg: Config, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form section.key=value")
+    key, value = item.split("=", 1)
+    parts = key.split(".")
+    if parts[0] not in SECTIONS:
+        raise _unknown_key(parts[0], SECTIONS, "")
+    if parts[0] == "plugins":
+        if len(parts) != 3:
+            raise ConfigError(f"'{key}': plugin overrides look like plugins.NAME.KEY=VALUE")
+        _set_plugin(cfg, parts[1], {parts[2]: yaml.safe_load(value) if value else value})
+        return
+    if len(parts) != 2:
+        raise ConfigError(f"'{key}': overrides look like section.key=value, e.g. train.lr=5e-4")
+    parsed = yaml.safe_load(value) if value != "" else ""
+    _set_fields(getattr(cfg, parts[0]), {parts[1]: parsed if parsed is not None else value}, parts[0] + ".")
+
+
+def load_config(recipe: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    cfg = Config()
+    path = recipe_path(recipe or "default")
+    with open(path) as f:
+        apply_mapping(cfg, yaml.safe_load(f) or {})
+    for item in overrides or []:
+        apply_override(cfg, item)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    out = dataclasses.asdict(cfg)
+    out["plugins"] = {k: dataclasses.asdict(v) for k, v in cfg.plugins.items()}
+    return out
+
+
+def from_dict(data: dict) -> Config:
+    cfg = Config()
+    apply_mapping(cfg, data)
+    return cfg
+
+
+def save_resolved(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ---------------------------------------------------------------- validation
+def ds_config_path(name: str) -> Path:
+    p = Path(name)
+    if p.suffix == ".json" and p.exists():
+        return p
+    cand = DS_CONFIG_DIR / f"{name}.json"
+    if cand.exists():
+        return cand
+    known = sorted(q.stem for q in DS_CONFIG_DIR.glob("*.json"))
+    raise ConfigError(f"run.ds_config '{name}' not found: give a JSON path or one of {known}")
+
+
+def check_model_name(name: str) -> None:
+    import timm
+    if timm.is_model(name):
+        return
+    names = timm.list_models()
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
+    hint = f"; close matches: {', '.join(close)}" if close else "; see timm.list_models('vit_*')"
+    raise ConfigError(f"model.name '{name}' is not a timm model{hint}")
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Check values once at start; raise ConfigError saying what to change."""
+    t, r = cfg.train, cfg.run
+    check_model_name(cfg.model.name)
+    ds_config_path(r.ds_config)
+    positive = {"train.lr": t.lr, "train.epochs": t.epochs, "train.batch_size": t.batch_size,
+                "train.grad_accum": t.grad_accum, "train.eval_batch_size": t.eval_batch_size,
+                "model.img_size": cfg.model.img_size, "log.every_steps": cfg.log.every_steps}
+    for key, v in positive.items():
+        if not v > 0:
+            raise ConfigError(f"{key} must be > 0, got {v}")
+    for key, v in {"train.min_lr": t.min_lr, "train.warmup_lr": t.warmup_lr,
+                   "train.weight_decay": t.weight_decay, "train.warmup_epochs": t.warmup_epochs,
+                   "train.clip_grad": t.clip_grad, "model.drop_path_rate": cfg.model.drop_path_rate}.items():
+        if v < 0:
+            raise ConfigError(f"{key} must be >= 0, got {v}")
+    if not 0 <= t.label_smoothing < 1:
+        raise ConfigError(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
+    if not 0 <= t.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay must be in [0, 1) (0 = off), got {t.ema_decay}")
+    per = world_size * t.grad_accum
+    if t.batch_size % per:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is not divisible by world size {world_size} x "
+            f"train.grad_accum {t.grad_accum} = {per}; use a multiple of {per}")
+    if t.eval_batch_size % world_size:
+        raise ConfigError(f"train.eval_batch_size={t.eval_batch_size} is not divisible by world "
+                          f"size {world_size}; use a multiple of {world_size}")
+    if r.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(f"run.precision must be auto, fp32, bf16 or fp16, got '{r.precision}'")
+    if r.zero_stage not in (-1, 0, 1, 2, 3):
+        raise ConfigError(f"run.zero_stage must be -1 (from the JSON) or 0..3, got {r.zero_stage}")
+    if cfg.data.mode not in ("resampled", "partitioned"):
+        raise ConfigError(f"data.mode must be resampled or partitioned, got '{cfg.data.mode}'")
+    if cfg.data.corrupt not in ("skip", "raise"):
+        raise ConfigError(f"data.corrupt must be skip or raise, got '{cfg.data.corrupt}'")
+    if cfg.checkpoint.keep_last < 1:
+        raise ConfigError(f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
+    for name, pcfg in cfg.plugins.items():
+        check = getattr(pcfg, "validate", None)
+        if check is not None:
+            try:
+                check(cfg)
+            except ConfigError as e:
+                raise ConfigError(f"plugins.{name}: {e}") from None
+
+
+def describe_sections() -> str:
+    """Help text: sections and their keys with defaults."""
+    lines = []
+    for f in fields(Config):
+        if f.name == "plugins":
+            continue
+        sec = getattr(Config(), f.name)
+        keys = ", ".join(f"{g.name}={getattr(sec, g.name)!r}" for g in fields(sec))
+        lines.append(f"  {f.name}: {keys}")
+    for name, plugin in sorted(_plugin_registry().items()):
+        keys = ", ".join(g.name for g in fields(plugin.config_class))
+        lines.append(f"  plugins.{name}: {keys}")
+    return "\n".join(lines)
+
+
+def load_ds_config(cfg: Config) -> dict:
+    with open(ds_config_path(cfg.run.ds_config)) as f:
+        return json.load(f)
+
+
+def is_config(obj: Any) -> bool:
+    return is_dataclass(obj)

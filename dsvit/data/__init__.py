@@ -1,0 +1,1 @@
+"""Data: shard writing (tools), the streaming webdataset pipeline, the embedded synthetic dataset."""

@@ -1,0 +1,133 @@
+"""Token-stage hook points on a timm VisionTransformer, without forking timm.
+
+``TokenStage.attach(model)`` replaces ``model.forward_features`` on the *instance* with a block loop
+that runs exactly timm's ops (patch_embed -> _pos_embed -> patch_drop -> norm_pre -> blocks -> norm)
+and calls registered hooks in between:
+
+- ``after_embed``: ``fn(x, stage) -> x`` after the position embedding (PSS samples here);
+- ``before_block[i]``: ``fn(x, stage) -> x`` on the input of block i (ToE selects/merges before
+  block 1; token pruning; growth may change the block list itself);
+- ``attn_mask[i]``: ``fn(x, stage) -> additive float mask or None`` passed to block i's attention.
+
+Hooks run *outside* activation checkpointing (only each block's own forward is checkpointed), so a
+token selection is never recomputed during the backward, and it acts whether or not checkpointing is
+on (the original ToE silently did nothing under timm's checkpoint_seq).
+
+Per forward, ``stage.positions`` holds for every current token its index in the full embedded
+sequence (``[B, N]``; ``None`` while it is the identity) so later hooks and visualisations know where
+kept tokens came from. ``stage.gather(x, idx)`` gathers tokens and keeps ``positions`` in step.
+``stage.record`` is a per-forward scratch dict plugins may fill for logging (e.g. merge hosts).
+
+The stage is a plain object, not an nn.Module: the model's state_dict, parameter list and ZeRO
+partitioning are unchanged, so checkpoints stay plain timm weights. With no hooks the loop is
+bit-identical to timm's forward_features.
+"""
+from __future__ import annotations
+
+import types
+from collections import defaultdict
+from typing import Callable, Optional
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+TokenFn = Callable[[torch.Tensor, "TokenStage"], torch.Tensor]
+
+
+class TokenStage:
+    def __init__(self):
+        self.after_embed: list[TokenFn] = []
+        self.before_block: dict[int, list[TokenFn]] = defaultdict(list)
+        self.attn_mask: dict[int, TokenFn] = {}
+        self.checkpoint_fn: Optional[Callable] = None   # None: torch.utils.checkpoint (non-reentrant)
+        self.positions: Optional[torch.Tensor] = None
+        self.record: dict = {}
+        self.num_prefix_tokens = 1
+        self.model = None
+
+    # ------------------------------------------------------------ wiring
+    def attach(self, model: torch.nn.Module) -> "TokenStage":
+        for attr in ("patch_embed", "_pos_embed", "blocks", "norm", "norm_pre", "patch_drop"):
+            if not hasattr(model, attr):
+                raise TypeError(f"TokenStage needs a timm VisionTransformer; {type(model).__name__} "
+                                f"has no '{attr}'")
+        self.model = model
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 1))
+        model.forward_features = types.MethodType(_forward_features, model)
+        model.token_stage = self
+        return self
+
+    def add_after_embed(self, fn: TokenFn) -> None:
+        self.after_embed.append(fn)
+
+    def add_before_block(self, index: int, fn: TokenFn) -> None:
+        self.before_block[index].append(fn)
+
+    def set_attn_mask(self, index: int, fn: TokenFn) -> None:
+        if index in self.attn_mask:
+            raise ValueError(f"block {index} already has an attention-mask provider")
+        self.attn_mask[index] = fn
+
+    def remove(self, fn) -> None:
+        """Unregister ``fn`` from every hook point."""
+        if fn in self.after_embed:
+            self.after_embed.remove(fn)
+        for fns in self.before_block.values():
+            if fn in fns:
+                fns.remove(fn)
+        for i in [i for i, f in self.attn_mask.items() if f is fn]:
+            del self.attn_mask[i]
+
+    # ------------------------------------------------------------ helpers for hooks
+    @property
+    def num_tokens_hint(self) -> Optional[int]:
+        return None if self.positions is None else self.positions.shape[1]
+
+    def current_positions(self, x: torch.Tensor) -> torch.Tensor:
+        if self.positions is None:
+            n = x.shape[1]
+            self.positions = torch.arange(n, device=x.device).expand(x.shape[0], n)
+        return self.positions
+
+    def gather(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Differentiable gather of tokens ``idx`` ([B, K] indices into x's token axis)."""
+        pos = self.current_positions(x)
+        self.positions = torch.gather(pos, 1, idx)
+        return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+    # ------------------------------------------------------------ the loop
+    def run_blocks(self, model, x: torch.Tensor) -> torch.Tensor:
+        ckpt = model.grad_checkpointing and torch.is_grad_enabled()
+        for i, blk in enumerate(model.blocks):
+            for fn in self.before_block.get(i, ()):
+                x = fn(x, self)
+            mask_fn = self.attn_mask.get(i)
+            mask = mask_fn(x, self) if mask_fn is not None else None
+            if ckpt:
+                if self.checkpoint_fn is not None:
+                    x = self.checkpoint_fn(blk, x, mask)
+                else:
+                    x = checkpoint(_block_forward, blk, x, mask, use_reentrant=False)
+            else:
+                x = _block_forward(blk, x, mask)
+        return x
+
+
+def _block_forward(blk, x, mask):
+    return blk(x) if mask is None else blk(x, attn_mask=mask)
+
+
+def _forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+    if attn_mask is not None or is_causal:
+        raise ValueError("dsvit's token stage provides attention masks through TokenStage.attn_mask")
+    stage: TokenStage = self.token_stage
+    stage.positions = None
+    stage.record = {}
+    x = self.patch_embed(x)
+    x = self._pos_embed(x)
+    x = self.patch_drop(x)
+    x = self.norm_pre(x)
+    for fn in stage.after_embed:
+        x = fn(x, stage)
+    x = stage.run_blocks(self, x)
+    return self.norm(x)
