@@ -44,14 +44,19 @@ class TokenStage:
         self.record: dict = {}
         self.num_prefix_tokens = 1
         self.model = None
+        self.training = True           # the running model's mode; hooks gate on it
+        self.mean_block_tokens = 0.0   # mean sequence length over blocks in the last forward
 
     # ------------------------------------------------------------ wiring
-    def attach(self, model: torch.nn.Module) -> "TokenStage":
+    def attach(self, model: torch.nn.Module, primary: bool = True) -> "TokenStage":
+        """Route ``model``'s forward_features through this stage. ``primary=False`` serves a second
+        model (the EMA copy) with the same hooks."""
         for attr in ("patch_embed", "_pos_embed", "blocks", "norm", "norm_pre", "patch_drop"):
             if not hasattr(model, attr):
                 raise TypeError(f"TokenStage needs a timm VisionTransformer; {type(model).__name__} "
                                 f"has no '{attr}'")
-        self.model = model
+        if primary:
+            self.model = model
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 1))
         model.forward_features = types.MethodType(_forward_features, model)
         model.token_stage = self
@@ -98,6 +103,7 @@ class TokenStage:
     # ------------------------------------------------------------ the loop
     def run_blocks(self, model, x: torch.Tensor) -> torch.Tensor:
         ckpt = model.grad_checkpointing and torch.is_grad_enabled()
+        tokens = 0
         for i, blk in enumerate(model.blocks):
             for fn in self.before_block.get(i, ()):
                 x = fn(x, self)
@@ -110,6 +116,8 @@ class TokenStage:
                     x = checkpoint(_block_forward, blk, x, mask, use_reentrant=False)
             else:
                 x = _block_forward(blk, x, mask)
+            tokens += x.shape[1]
+        self.mean_block_tokens = tokens / max(1, len(model.blocks))
         return x
 
 
@@ -123,6 +131,7 @@ def _forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = F
     stage: TokenStage = self.token_stage
     stage.positions = None
     stage.record = {}
+    stage.training = self.training
     x = self.patch_embed(x)
     x = self._pos_embed(x)
     x = self.patch_drop(x)

@@ -1,0 +1,5 @@
+import sys
+
+from dsvit.cli import main
+
+sys.exit(main())

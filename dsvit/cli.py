@@ -1,0 +1,145 @@
+"""``dsvit`` command line: train, eval, export, shards.
+
+    dsvit train [--config RECIPE.yaml|NAME] [section.key=value ...]
+    dsvit eval RUN_DIR [--tag TAG] [--ema] [--keep-rate R[,R...]] [section.key=value ...]
+    dsvit export RUN_DIR OUT.safetensors [--tag TAG] [--ema]
+    dsvit shards {imagefolder,npz,verify,synthetic} ...
+
+Under the DeepSpeed launcher: ``deepspeed --num_gpus N --module dsvit train ...`` (the launcher's
+``--local_rank`` is accepted). The distributed world comes from the launcher's environment, read
+here once and passed down.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from pathlib import Path
+
+from dsvit import config as C
+
+
+def _epilog() -> str:
+    return ("recipes shipped: " + ", ".join(C.list_recipes()) +
+            "\nconfig sections (override with section.key=value):\n" + C.describe_sections())
+
+
+def _world_from_env(args):
+    from dsvit.engine.trainer import World
+    if "WORLD_SIZE" not in os.environ:   # plain `dsvit train`: a world of one
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+    local_rank = int(os.environ.get("LOCAL_RANK", getattr(args, "local_rank", 0) or 0))
+    return World(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                  local_rank=local_rank)
+
+
+def _init_distributed(args):
+    import deepspeed
+    world = _world_from_env(args)
+    deepspeed.init_distributed(verbose=False)
+    from dsvit.engine.logging import setup_console
+    setup_console(world.rank)
+    return world
+
+
+def cmd_train(args) -> int:
+    cfg = C.load_config(args.config, args.overrides)
+    world = _init_distributed(args)
+    C.validate(cfg, world.world_size)
+    from dsvit.engine.trainer import Trainer
+    run_dir = Path(cfg.run.dir)
+    if world.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        C.save_resolved(cfg, run_dir / "config.yaml")
+    trainer = Trainer(cfg, world)
+    metrics = trainer.fit()
+    if world.rank == 0:
+        latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+        print(f"\nfinal top-1 {metrics.get('top1', float('nan')):.2f}%  top-5 "
+              f"{metrics.get('top5', float('nan')):.2f}%  (best {trainer.best_top1:.2f}%)")
+        print(f"TensorBoard logs: {run_dir / 'tb'}")
+        print(f"checkpoint:       {run_dir / 'checkpoints' / latest}")
+        print(f"view:             tensorboard --logdir {run_dir / 'tb'}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from dsvit.engine.eval_run import run_eval
+    world = _init_distributed(args)
+    return run_eval(Path(args.run_dir), args.overrides, world, tag=args.tag, ema=args.ema,
+                    keep_rates=args.keep_rate)
+
+
+def cmd_export(args) -> int:
+    from dsvit.engine.export import export_safetensors, resolve_tag
+    tag_dir = resolve_tag(Path(args.run_dir), args.tag)
+    out = export_safetensors(tag_dir, Path(args.out), ema=args.ema)
+    cfg = C.from_dict(__import__("yaml").safe_load((Path(args.run_dir) / "config.yaml").read_text()))
+    print(f"wrote {out} from {tag_dir}{' (EMA)' if args.ema else ''}\nload it with: "
+          f"timm.create_model('{cfg.model.name}', pretrained=True, "
+          f"pretrained_cfg_overlay=dict(file='{out}'), **{_model_kwargs(cfg)})")
+    return 0
+
+
+def _model_kwargs(cfg) -> dict:
+    from dsvit.model.vit import timm_kwargs
+    kw = timm_kwargs(cfg.model, cfg.model.num_classes)
+    kw.pop("drop_path_rate", None)
+    return kw
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="dsvit", description="Efficient ViT training on DeepSpeed",
+                                     formatter_class=fmt, epilog=_epilog())
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a ViT", formatter_class=fmt, epilog=_epilog())
+    p.add_argument("--config", "-c", default="default", help="recipe name or YAML path")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run's checkpoint", formatter_class=fmt, epilog=_epilog())
+    p.add_argument("run_dir")
+    p.add_argument("--tag", default="", help="checkpoint tag (default: latest complete)")
+    p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    p.add_argument("--keep-rate", default="", help="patch keep rate(s) for dynamic inference, "
+                   "e.g. 0.5 or a sweep 1.0,0.8,0.6,0.4")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="section.key=value (e.g. data.root=...)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write final (or EMA) weights as a timm safetensors file")
+    p.add_argument("run_dir")
+    p.add_argument("out")
+    p.add_argument("--tag", default="")
+    p.add_argument("--ema", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    try:
+        from dsvit.data.cli import add_shards_parser
+    except ImportError:
+        pass
+    else:
+        add_shards_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except C.ConfigError as e:
+        print(f"dsvit: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""In-memory tensor datasets with the TrainData/EvalData interface, for tests and benchmarks.
+
+The global micro-batch j of an epoch is a fixed slice of a (seed, epoch) permutation, and rank r
+takes its r-th part, so 1 rank with batch B and W ranks with B/W each see the same samples per step.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class MemoryTrainData:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, rank: int, world_size: int,
+                 local_batch: int, seed: int = 0, batches_multiple: int = 1):
+        self.images, self.labels = images, labels
+        self.rank, self.world_size, self.local_batch, self.seed = rank, world_size, local_batch, seed
+        per_epoch = len(images) // (local_batch * world_size)
+        self.batches_per_epoch = per_epoch - per_epoch % batches_multiple
+
+    def epoch_batches(self, epoch: int, skip_batches: int = 0):
+        g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+        order = torch.randperm(len(self.images), generator=g)
+        glob = self.local_batch * self.world_size
+        for j in range(skip_batches, self.batches_per_epoch):
+            idx = order[j * glob + self.rank * self.local_batch:][:self.local_batch]
+            yield self.images[idx], self.labels[idx], idx
+
+    def counters(self) -> dict:
+        return {}
+
+
+class MemoryEvalData:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, rank: int, world_size: int,
+                 local_batch: int):
+        self.images, self.labels = images, labels
+        self.rank, self.world_size, self.local_batch = rank, world_size, local_batch
+
+    def batches(self):
+        n, glob = len(self.images), self.local_batch * self.world_size
+        for start in range(0, n, glob):
+            idx = torch.arange(start + self.rank * self.local_batch,
+                               start + (self.rank + 1) * self.local_batch)
+            valid = idx < n
+            idx = idx.clamp(max=n - 1)
+            yield self.images[idx], self.labels[idx], valid
+
+
+def random_dataset(n: int, img_size: int, num_classes: int, seed: int = 0):
+    """Learnable random data: class-dependent mean patterns plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(num_classes, 3, img_size, img_size, generator=g)
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    images = protos[labels] + 0.5 * torch.randn(n, 3, img_size, img_size, generator=g)
+    return images, labels
