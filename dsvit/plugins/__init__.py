@@ -23,12 +23,8 @@ def build_plugins(plugin_cfgs: dict) -> list:
 
 def _load_builtin() -> None:
     import importlib
-    for module in ("token_expansion", "patch_sampling"):
-        try:
-            importlib.import_module(f"dsvit.plugins.{module}")
-        except ModuleNotFoundError as e:
-            if e.name != f"dsvit.plugins.{module}":
-                raise
+    for module in ("patch_sampling", "token_expansion", "visualize"):
+        importlib.import_module(f"dsvit.plugins.{module}")
 
 
 _load_builtin()

@@ -1,23 +1,40 @@
-"""Train on an in-memory dataset (engine tests): python train_memory.py OUT.json [overrides...].
+"""Train on an in-memory dataset (engine tests), alone or under the deepspeed launcher.
 
-Runs under the deepspeed launcher or alone; writes the per-step loss trace and, on rank 0, the final
-weights and optimizer state digest to OUT.json / OUT.pt.
+    python train_memory.py [--stop-at K] [--kill-in-save K] [section.key=value ...]
+
+--stop-at K       exit cleanly right after the checkpoint of step K is complete (a stopped job)
+--kill-in-save K  SIGKILL this process in the middle of writing the checkpoint of step K
+Rank 0 writes RUN_DIR/final_logits.pt: the trained model's logits on 8 fixed training images.
 """
-import json
+import os
+import signal
 import sys
 
 import torch
 
-from dsvit import config as C
-from dsvit.cli import _init_distributed
-from dsvit.data.memory import MemoryEvalData, MemoryTrainData, random_dataset
-from dsvit.engine.trainer import Trainer
+sys.path.insert(0, os.path.dirname(__file__))
+import probe_plugin  # noqa: E402,F401  (registers the 'probe' test plugin)
+
+from dsvit import config as C  # noqa: E402
+from dsvit.cli import _init_distributed  # noqa: E402
+from dsvit.data.memory import MemoryEvalData, MemoryTrainData, random_dataset  # noqa: E402
+from dsvit.engine import checkpoint as ckpt  # noqa: E402
+from dsvit.engine.trainer import Trainer  # noqa: E402
+
+
+def flag(args, name):
+    if name in args:
+        i = args.index(name)
+        value = int(args[i + 1])
+        del args[i:i + 2]
+        return value
+    return None
 
 
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    out, overrides = args[0], args[1:]
-    cfg = C.load_config("tiny_test", overrides)
+    stop_at, kill_at = flag(args, "--stop-at"), flag(args, "--kill-in-save")
+    cfg = C.load_config("tiny_test", args)
     world = _init_distributed(None)
     C.validate(cfg, world.world_size)
     images, labels = random_dataset(512, cfg.model.img_size, 10, seed=1)
@@ -28,10 +45,31 @@ def main():
     ev = MemoryEvalData(images[:100], labels[:100], rank=world.rank, world_size=world.world_size,
                         local_batch=t.eval_batch_size // world.world_size)
     trainer = Trainer(cfg, world, train_data=train, eval_data=ev, num_classes=10)
-    metrics = trainer.fit()
-    from dsvit.engine.export import load_weights  # noqa: F401  (import check)
+
+    save = trainer.save_checkpoint
+    def save_and_maybe_stop():
+        path = save()
+        if stop_at is not None and trainer.state.step == stop_at:
+            trainer.logger.close()
+            sys.exit(0)
+        return path
+    trainer.save_checkpoint = save_and_maybe_stop
+
+    if kill_at is not None:
+        engine_save = trainer.engine.save_checkpoint
+        def save_then_die(*a, **kw):
+            out = engine_save(*a, **kw)
+            if trainer.state.step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)   # files written, marker not yet
+            return out
+        trainer.engine.save_checkpoint = save_then_die
+
+    trainer.fit()
+    trainer.engine.eval()
+    with torch.no_grad():
+        logits = trainer.engine(images[:8].to(trainer.device)).float().cpu()
     if world.rank == 0:
-        json.dump({"metrics": metrics, "step": trainer.state.step}, open(out, "w"))
+        torch.save(logits, os.path.join(cfg.run.dir, "final_logits.pt"))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,94 @@
+"""timm transforms for the shard pipeline, per-sample RNG seeding, and the Pillow posterize fix.
+
+Transforms are timm's (``create_transform`` with ``use_prefetcher=True``): they end in a uint8
+[3, H, W] tensor, and normalisation (plus random erasing) runs once per batch on the stacked
+tensor, which is cheaper than per-sample float conversion.
+
+Pillow >= 11 raises "bits must be between or equal to 1 and 8" for ``ImageOps.posterize(img, 0)``;
+timm 1.0.31's ``PosterizeIncreasing`` (RandAugment ``inc1``, the DeiT recipe) maps high magnitudes
+to 0 bits, which kills a loader worker. :func:`fix_posterize` swaps the op's function for one that
+clamps bits to >= 1 (1 bit is the closest image Pillow allows to the old 0-bit result).
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from timm.data import auto_augment, create_transform
+from timm.data.random_erasing import RandomErasing
+from PIL import ImageOps
+
+MASK64 = (1 << 64) - 1
+
+
+def safe_posterize(img, bits_to_keep, **__):
+    bits = int(bits_to_keep)
+    if bits >= 8:
+        return img
+    return ImageOps.posterize(img, max(1, bits))
+
+
+def fix_posterize(transform):
+    """Replace timm's posterize in every AugmentOp reachable from ``transform``; returns it."""
+    stack = [transform]
+    while stack:
+        t = stack.pop()
+        if isinstance(t, auto_augment.AugmentOp):
+            if t.aug_fn is auto_augment.posterize:
+                t.aug_fn = safe_posterize
+            continue
+        for attr in ("transforms", "ops", "policy"):
+            children = getattr(t, attr, None)
+            if isinstance(children, (list, tuple)):
+                stack.extend(children)
+            elif children is not None and hasattr(children, "__iter__"):
+                stack.extend(list(children))
+    return transform
+
+
+def build_train_transform(cfg, img_size: int):
+    t = create_transform(
+        img_size, is_training=True, use_prefetcher=True, scale=(cfg.scale_min, 1.0), hflip=cfg.hflip,
+        auto_augment=cfg.auto_augment or None, color_jitter=cfg.color_jitter or None,
+        interpolation=cfg.interpolation, mean=tuple(cfg.mean), std=tuple(cfg.std), re_prob=0.0)
+    return fix_posterize(t)
+
+
+def build_eval_transform(cfg, img_size: int):
+    return create_transform(img_size, is_training=False, use_prefetcher=True, crop_pct=cfg.crop_pct,
+                            interpolation=cfg.interpolation, mean=tuple(cfg.mean), std=tuple(cfg.std))
+
+
+def build_eraser(cfg):
+    return RandomErasing(cfg.reprob, mode="pixel", device="cpu") if cfg.reprob > 0 else None
+
+
+def mix64(*values: int) -> int:
+    """Stable 64-bit hash of integers (splitmix64 chain); never Python's salted hash()."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & MASK64)) * 0xBF58476D1CE4E5B9 & MASK64
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & MASK64
+        h ^= h >> 29
+    return h
+
+
+def seed_sample(*values: int) -> None:
+    """Seed python `random`, numpy's global RNG and torch's CPU RNG (all used by timm/torchvision
+    transforms) from ``values``, so a sample's augmentation depends only on e.g. (seed, epoch, uid)."""
+    s = mix64(*values)
+    random.seed(s)
+    np.random.seed(s & 0xFFFFFFFF)
+    torch.default_generator.manual_seed(s >> 1)  # CPU only: torch.manual_seed also queues CUDA seeding, with a stack capture per call
+
+
+class BatchNormalize:
+    """uint8 [B, 3, H, W] -> float normalised, in one vectorised op."""
+
+    def __init__(self, mean, std):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
+        self.inv_std = 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean).mul_(self.inv_std)

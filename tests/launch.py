@@ -1,0 +1,78 @@
+"""Run the test training script through the real deepspeed launcher and read back its results."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "tests" / "scripts" / "train_memory.py"
+DEEPSPEED = Path(sys.executable).with_name("deepspeed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(run_dir: Path, overrides: list[str], world_size: int = 1, extra: list[str] = (),
+           check: bool = True, script: Path = SCRIPT) -> subprocess.CompletedProcess:
+    cmd = [str(DEEPSPEED), "--num_gpus", str(world_size), "--master_port", str(free_port()),
+           str(script), *extra, f"run.dir={run_dir}", *overrides]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"launch failed ({proc.returncode}): {' '.join(cmd)}\n"
+                             f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def loss_trace(run_dir: Path) -> dict[int, float]:
+    """step -> logged train/loss; a step logged twice (after a kill and resume) keeps the last."""
+    trace = {}
+    for line in (Path(run_dir) / "tb" / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "train/loss" in row:
+            trace[row["step"]] = row["train/loss"]
+    return trace
+
+
+def checkpoint_contents(tag_dir: Path) -> dict:
+    """Every file of a checkpoint tag loaded, minus things that legitimately differ between runs."""
+    out = {}
+    for f in sorted(Path(tag_dir).iterdir()):
+        if f.suffix == ".pt":
+            data = torch.load(f, map_location="cpu", weights_only=False)
+            if isinstance(data, dict):
+                data.pop("config", None)   # run.dir differs
+                data.pop("ds_config", None)
+            out[f.name] = data
+    return out
+
+
+def assert_same(a, b, path="") -> None:
+    """Recursive bit-exact equality of nested checkpoint structures."""
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.shape == b.shape and a.dtype == b.dtype, path
+        assert torch.equal(a, b), f"{path}: max diff {(a.float() - b.float()).abs().max()}"
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b), path
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {set(a) ^ set(b)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    elif hasattr(a, "__dict__") and not isinstance(a, type):
+        assert type(a) is type(b), path
+    else:
+        assert a == b or (a != a and b != b), f"{path}: {a!r} != {b!r}"

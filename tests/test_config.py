@@ -1,0 +1,61 @@
+"""Config: recipes + overrides -> validated dataclasses; errors name the key and what to change."""
+import pytest
+
+from dsvit import config as C
+from dsvit.cli import build_parser, main
+
+
+def test_default_recipe_loads_and_validates():
+    cfg = C.load_config()
+    C.validate(cfg, world_size=1)
+    assert cfg.model.img_size == 32 and cfg.data.root == "synthetic"
+
+
+def test_overrides_are_typed():
+    cfg = C.load_config("default", ["train.lr=5e-4", "model.grad_checkpointing=true",
+                                    "data.mean=[0.5,0.5,0.5]", "model.depth=None"])
+    assert cfg.train.lr == 5e-4 and cfg.model.grad_checkpointing is True
+    assert cfg.data.mean == (0.5, 0.5, 0.5) and cfg.model.depth is None
+
+
+def test_unknown_key_names_key_and_valid_keys():
+    with pytest.raises(C.ConfigError, match=r"unknown key 'train.lrr'.*did you mean lr.*valid keys"):
+        C.load_config("default", ["train.lrr=1"])
+    with pytest.raises(C.ConfigError, match=r"unknown key 'trian'.*did you mean train"):
+        C.load_config("default", ["trian.lr=1"])
+    with pytest.raises(C.ConfigError, match=r"unknown key 'plugins.nope'"):
+        C.load_config("default", ["plugins.nope.enabled=true"])
+
+
+def test_bad_values_say_what_to_change():
+    with pytest.raises(C.ConfigError, match=r"train.lr must be > 0, got -0.1"):
+        C.validate(C.load_config("default", ["train.lr=-0.1"]))
+    with pytest.raises(C.ConfigError, match=r"not divisible by world size 3.*multiple of 3"):
+        C.validate(C.load_config("default", ["train.batch_size=128"]), world_size=3)
+    with pytest.raises(C.ConfigError, match=r"cannot read 'abc' as int"):
+        C.load_config("default", ["train.epochs=abc"])
+    with pytest.raises(C.ConfigError, match=r"run.ds_config 'zero9' not found.*zero2"):
+        C.validate(C.load_config("default", ["run.ds_config=zero9"]))
+
+
+def test_unknown_model_lists_close_matches():
+    with pytest.raises(C.ConfigError, match=r"not a timm model; close matches: .*deit_tiny_patch16_224"):
+        C.validate(C.load_config("default", ["model.name=deit_tiny_patch16_22"]))
+
+
+def test_cli_reports_config_errors(capsys):
+    assert main(["train", "train.nope=1"]) == 2
+    assert "unknown key 'train.nope'" in capsys.readouterr().err
+
+
+def test_help_lists_recipes_and_sections():
+    text = build_parser().format_help()
+    assert "default" in text and "train:" in text and "checkpoint:" in text
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = C.load_config("default", ["train.lr=3e-4"])
+    C.save_resolved(cfg, tmp_path / "config.yaml")
+    import yaml
+    again = C.from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
+    assert C.to_dict(again) == C.to_dict(cfg)
