@@ -15,9 +15,10 @@ property of the module's forward, and ZeRO 0 adds no activation memory):
 
 Memory: one fresh subprocess per variant, glibc told to serve big blocks with mmap
 (MALLOC_MMAP_THRESHOLD_=65536, so freed activations go back to the OS and RSS tracks live memory).
-A sampler thread reads /proc/self/statm every 2 ms; reported is the peak RSS during a step minus
-the RSS at the step's start (parameters, AdamW state, no grads), for the second step (the first
-one allocates the AdamW state), cross-checked by ``ru_maxrss`` minus the same start RSS.
+A sampler thread reads /proc/self/statm every 2 ms; reported is the peak RSS during the first step
+minus the RSS at its start (model and data only: the peak -- end of forward / start of backward, or
+the end of the backward -- comes before AdamW allocates its state), cross-checked by ``ru_maxrss``
+minus the same start RSS. Growth = saved activations + gradients (88 MiB for ViT-S) + temporaries.
 Time: one more subprocess holding one model per timed variant, stepping the variants alternately
 (order reversed every round) so contention from other work on the machine hits all alike.
 """
@@ -117,7 +118,7 @@ def child_memory(variant: str, bs: int) -> dict:
     images, labels = batch(bs)
     model, opt = make(variant)
     out = {"variant": variant}
-    for i in range(2):
+    for i in range(1):
         start = rss()
         t0 = time.perf_counter()
         with Sampler() as s:
@@ -164,10 +165,14 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--skip-time", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: on a shared 2-core machine 2 OpenMP threads stall on "
+                         "barriers whenever another process holds a core)")
     ap.add_argument("--child", choices=("memory", "time"))
     ap.add_argument("--variant")
     args = ap.parse_args()
 
+    torch.set_num_threads(args.threads)
     if args.child == "memory":
         print(json.dumps(child_memory(args.variant, args.batch)))
         return 0
@@ -185,10 +190,11 @@ def main():
           f"checkpointing {th['no_ckpt_blocks_MiB']:.0f} MiB, with per-block checkpointing "
           f"{th['ckpt_blocks_MiB']:.0f} MiB (12 block inputs + one block recomputed)", flush=True)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONWARNINGS="ignore")
-    me = [sys.executable, os.path.abspath(__file__), "--batch", str(args.batch)]
+    me = [sys.executable, os.path.abspath(__file__), "--batch", str(args.batch), "--threads", str(args.threads)]
     mib = 2**20
     if not args.skip_memory:
-        print("\nmemory (fresh process per variant; second step; growth over the step-start RSS)")
+        print("\nmemory (fresh process per variant; first step; growth over the RSS at its start = "
+              "activations + gradients)")
         print(f"{'variant':10s} {'start RSS':>10s} {'peak growth':>12s} {'ru_maxrss gr.':>14s} "
               f"{'step time':>10s} {'loss':>8s}")
         for v in VARIANTS:
@@ -197,7 +203,7 @@ def main():
             if r.returncode != 0:
                 print(f"{v:10s} FAILED\n{r.stderr[-2000:]}")
                 continue
-            res = json.loads(r.stdout.strip().splitlines()[-1])["step1"]
+            res = json.loads(r.stdout.strip().splitlines()[-1])["step0"]
             print(f"{v:10s} {res['start_rss'] / mib:8.0f}Mi {res['peak_growth'] / mib:10.0f}Mi "
                   f"{res['maxrss_growth'] / mib:12.0f}Mi {res['time_s']:9.2f}s {res['loss']:8.4f}",
                   flush=True)

@@ -67,6 +67,7 @@ def read_info(root: str) -> dict:
         raise ValueError(f"{path} is not valid JSON ({e}); rewrite the dataset with `dsvit shards ... --overwrite`") from None
     if not isinstance(info, dict) or "splits" not in info:
         raise ValueError(f"{path} has no 'splits'; it is not a dsvit/timm shard _info.json")
+    info["root"] = root   # shard file names in _info.json are relative to it
     return info
 
 
@@ -91,8 +92,14 @@ def _split_shards(cfg, info: dict, split: str):
         lengths = [by_name[os.path.basename(u)][0] for u in urls]
         starts = [by_name[os.path.basename(u)][1] for u in urls]
     else:
-        urls = [os.path.join(cfg.root, f) for f in s["filenames"]]
+        urls = [os.path.join(info.get("root", cfg.root), f) for f in s["filenames"]]
         lengths = list(s["shard_lengths"])
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not os.path.isfile(u)]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} shard(s) of split '{split}' are missing, e.g. {missing[0]}; restore them or "
+            f"rewrite the dataset (`dsvit shards ... --overwrite`), then `dsvit shards verify`")
     return urls, np.asarray(lengths, np.int64), np.asarray(starts, np.int64)
 
 
@@ -197,6 +204,8 @@ class _RankStream(IterableDataset):
                         stats["filtered"] += report
                         continue
                     yield uid, url, key, sample
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"shard {url} is missing: {e}") from e
             except (EOFError, OSError) as e:
                 if p["corrupt"] == "raise":
                     raise RuntimeError(f"shard {url} is truncated or unreadable: {e}") from e

@@ -18,13 +18,13 @@ from dsvit.data.shards import load_info, prepare_out_dir, write_split
 CLASSES = ["circle", "square", "triangle", "cross", "ring",
            "h_stripes", "v_stripes", "diag_stripes", "checkerboard", "dots"]
 SIZE = 32
-VERSION = 1
+VERSION = 3
 
 
 def _masks(cls: int, n: int, rng: np.random.Generator) -> np.ndarray:
     """bool [n, 32, 32] foreground masks of one class, random positions and sizes."""
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
-    r = rng.uniform(5, 12, (n, 1, 1)).astype(np.float32)
+    r = rng.uniform(7, 13, (n, 1, 1)).astype(np.float32)
     cx = rng.uniform(r[:, 0, 0], SIZE - r[:, 0, 0])[:, None, None]
     cy = rng.uniform(r[:, 0, 0], SIZE - r[:, 0, 0])[:, None, None]
     dx, dy = xx - cx, yy - cy
@@ -73,18 +73,20 @@ def make_images(num: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         fg_mask = _masks(c, n, rng)[..., None]
         bg = rng.uniform(0, 255, (n, 1, 1, 3)).astype(np.float32)
         # foreground colour: a random offset from the background, sometimes weak (hard examples)
-        contrast = rng.uniform(25, 160, (n, 1, 1, 1)).astype(np.float32)
-        direction = rng.normal(size=(n, 1, 1, 3)).astype(np.float32)
+        contrast = rng.uniform(80, 220, (n, 1, 1, 1)).astype(np.float32)
+        # mostly a brightness change (darker on bright backgrounds), with some hue change
+        sign = np.where(bg.mean(-1, keepdims=True) > 127, -1.0, 1.0).astype(np.float32)
+        direction = sign + 0.4 * rng.normal(size=(n, 1, 1, 3)).astype(np.float32)
         direction /= np.linalg.norm(direction, axis=-1, keepdims=True) + 1e-6
         fg = np.clip(bg + contrast * direction * np.sqrt(3), 0, 255)
         # background: gradient + noise + a soft distractor blob
         grad = rng.normal(0, 20, (n, 1, 1, 3)).astype(np.float32) * ((xx - 16) / 16)[None, :, :, None]
         bx, by = rng.uniform(0, SIZE, (2, n, 1, 1)).astype(np.float32)
         blob = np.exp(-((xx - bx) ** 2 + (yy - by) ** 2) / rng.uniform(4, 30, (n, 1, 1)))[..., None]
-        blob_col = rng.uniform(-60, 60, (n, 1, 1, 3)).astype(np.float32)
+        blob_col = rng.uniform(-30, 30, (n, 1, 1, 3)).astype(np.float32)
         img = bg + grad + blob * blob_col
         img = np.where(fg_mask, fg, img)
-        img += rng.normal(0, rng.uniform(5, 30, (n, 1, 1, 1)), img.shape).astype(np.float32)
+        img += rng.normal(0, rng.uniform(3, 15, (n, 1, 1, 1)), img.shape).astype(np.float32)
         images[idx] = np.clip(img, 0, 255).astype(np.uint8)
     return images, labels
 
