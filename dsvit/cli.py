@@ -53,9 +53,6 @@ def cmd_train(args) -> int:
     C.validate(cfg, world.world_size)
     from dsvit.engine.trainer import Trainer
     run_dir = Path(cfg.run.dir)
-    if world.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        C.save_resolved(cfg, run_dir / "config.yaml")
     trainer = Trainer(cfg, world)
     metrics = trainer.fit()
     if world.rank == 0:
@@ -133,7 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may follow options (``eval RUN --keep-rate 0.5 data.root=...``)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except C.ConfigError as e:

@@ -79,6 +79,9 @@ class Trainer:
         self.cfg, self.world = cfg, world
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        if world.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            C.save_resolved(cfg, self.run_dir / "config.yaml")
         accel = get_accelerator()
         self.device = torch.device(accel.device_name(world.local_rank))
         if self.device.type == "cuda":
