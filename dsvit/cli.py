@@ -79,7 +79,8 @@ def cmd_export(args) -> int:
     cfg = C.from_dict(__import__("yaml").safe_load((Path(args.run_dir) / "config.yaml").read_text()))
     print(f"wrote {out} from {tag_dir}{' (EMA)' if args.ema else ''}\nload it with: "
           f"timm.create_model('{cfg.model.name}', pretrained=True, "
-          f"pretrained_cfg_overlay=dict(file='{out}'), **{_model_kwargs(cfg)})")
+          f"pretrained_cfg_overlay=dict(file='{out}', num_classes={cfg.model.num_classes}), "
+          f"**{_model_kwargs(cfg)})")
     return 0
 
 

@@ -67,7 +67,7 @@ def test_export_round_trip(tmp_path, stage, ema):
     assert main(["export", str(run), str(out)]) == 0
     model = timm.create_model("vit_tiny_patch16_224", pretrained=True, img_size=16, patch_size=4,
                               embed_dim=32, depth=2, num_heads=2, num_classes=10,
-                              pretrained_cfg_overlay=dict(file=str(out)))
+                              pretrained_cfg_overlay=dict(file=str(out), num_classes=10))
     from dsvit.data.memory import random_dataset
     images, _ = random_dataset(512, 16, 10, seed=1)
     with torch.no_grad():

@@ -26,7 +26,12 @@ def resolve_tag(run_dir: Path, tag: str = "") -> Path:
 
 
 def load_client_state(tag_dir: Path) -> dict:
-    return torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    """Rank 0's model-states file: the module (ZeRO 0-2) and the client state (ZeRO-3 names it
+    per data-parallel rank)."""
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if (tag_dir / name).is_file():
+            return torch.load(tag_dir / name, map_location="cpu", weights_only=False)
+    raise FileNotFoundError(f"{tag_dir} has no DeepSpeed model-states file; is it a dsvit checkpoint?")
 
 
 def load_weights(tag_dir: Path, ema: bool = False) -> dict[str, torch.Tensor]:

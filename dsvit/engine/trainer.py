@@ -79,9 +79,6 @@ class Trainer:
         self.cfg, self.world = cfg, world
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        if world.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            C.save_resolved(cfg, self.run_dir / "config.yaml")
         accel = get_accelerator()
         self.device = torch.device(accel.device_name(world.local_rank))
         if self.device.type == "cuda":
@@ -90,6 +87,10 @@ class Trainer:
 
         self.train_data, self.eval_data, num_classes = self._data(train_data, eval_data, num_classes)
         self.num_classes = num_classes
+        cfg.model.num_classes = num_classes   # the data's class count is the effective one
+        if world.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            C.save_resolved(cfg, self.run_dir / "config.yaml")
         t = cfg.train
         self.micro_batch = t.batch_size // (world.world_size * t.grad_accum)
         self.steps_per_epoch = self.train_data.batches_per_epoch // t.grad_accum
