@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, get_args, get_origin, get_type_hints
 
@@ -354,7 +354,3 @@ def describe_sections() -> str:
 def load_ds_config(cfg: Config) -> dict:
     with open(ds_config_path(cfg.run.ds_config)) as f:
         return json.load(f)
-
-
-def is_config(obj: Any) -> bool:
-    return is_dataclass(obj)

@@ -8,7 +8,6 @@ logging/checkpointing happen at their intervals. The only host syncs are at logg
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
