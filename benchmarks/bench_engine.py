@@ -20,7 +20,6 @@ torch.profiler table of the dsvit step's Python-side extras.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile

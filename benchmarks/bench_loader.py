@@ -22,7 +22,7 @@ from PIL import Image
 
 from dsvit.config import DataConfig
 from dsvit.data import pipeline as P
-from dsvit.data.transforms import build_train_transform, fix_posterize, seed_sample
+from dsvit.data.transforms import fix_posterize, seed_sample
 
 TARBALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 

@@ -143,10 +143,11 @@ def recipe_path(name_or_path: str) -> Path:
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
     origin = get_origin(typ)
-    if origin is Optional or (origin is not None and type(None) in get_args(typ)):
+    if type(None) in get_args(typ):   # Optional[X]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         typ = [a for a in get_args(typ) if a is not type(None)][0]
+        origin = get_origin(typ)
     try:
         if typ is bool:
             if isinstance(value, str):

@@ -50,7 +50,9 @@ def test_cli_reports_config_errors(capsys):
 
 def test_help_lists_recipes_and_sections():
     text = build_parser().format_help()
-    assert "default" in text and "train:" in text and "checkpoint:" in text
+    recipes = next(l for l in text.splitlines() if l.startswith("recipes shipped:"))
+    assert "default" in recipes and "cifar10-bench" in recipes
+    assert "  train: " in text and "  checkpoint: " in text and "  plugins.toe: " in text
 
 
 def test_resolved_config_round_trips(tmp_path):

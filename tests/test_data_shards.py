@@ -2,7 +2,6 @@
 import argparse
 import io
 import json
-import tarfile
 
 import numpy as np
 import pytest

@@ -2,45 +2,22 @@
 from collections import Counter
 
 import pytest
-import timm
 import torch
 
-from dsvit.config import Config, ConfigError, ModelConfig
-from dsvit.engine.plugin import State
+from dsvit.config import Config, ConfigError
 from dsvit.model.token_stage import TokenStage
-from dsvit.model.vit import build_model, timm_kwargs
+from model_helpers import block_inputs, small_vit, start_plugin, vanilla_vit
 from dsvit.plugins.patch_sampling import (PatchSampling, PSSConfig, drop_ratio, keep_rate, num_keep,
                                           quantize, select_patches, sweep_keep_rates)
 
-MODEL = ModelConfig(name="vit_tiny_patch16_224", embed_dim=32, depth=3, num_heads=2)
 LEVELS = {0.0, 0.2, 0.4, 0.6, 0.8}
 
 
-def small_vit(seed=0):
-    torch.manual_seed(seed)
-    return build_model(MODEL, num_classes=10)
-
-
-def vanilla_vit(seed=0):
-    torch.manual_seed(seed)
-    return timm.create_model(MODEL.name, pretrained=False, **timm_kwargs(MODEL, 10))
-
-
 def pss_on(model, stage, step=0, total_steps=1000, steps_per_epoch=100, rank=0, seed=0, **cfg):
-    plugin = PatchSampling(PSSConfig(**cfg))
     conf = Config()
     conf.run.seed = seed
-    state = State(cfg=conf, rank=rank, world_size=1, model=model, token_stage=stage, step=step,
-                  total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-    plugin.on_fit_start(state)
-    plugin.on_before_forward(state)
-    return plugin, state
-
-
-def block_inputs(model):
-    sizes = []
-    model.blocks[0].register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[1]))
-    return sizes
+    return start_plugin(PatchSampling(PSSConfig(**cfg)), model, stage, cfg=conf, rank=rank, step=step,
+                        total_steps=total_steps, steps_per_epoch=steps_per_epoch)
 
 
 # ---------------------------------------------------------------- schedules
@@ -164,7 +141,7 @@ def test_drop_zero_bit_identical_and_eval_full():
 
 def test_counts_in_blocks_and_reference_forward():
     model, stage = small_vit()
-    sizes = block_inputs(model)
+    sizes = block_inputs(model, blocks=[0])
     img = torch.randn(2, 3, 224, 224)
     plugin, state = pss_on(model, stage, step=0)                    # cyclic start: drop 0.8
     out = model(img)
@@ -195,7 +172,7 @@ def test_dropped_patch_pixels_get_zero_gradient():
 
 def test_eval_keep_rate_and_inference_helpers():
     model, stage = small_vit()
-    sizes = block_inputs(model)
+    sizes = block_inputs(model, blocks=[0])
     img = torch.randn(2, 3, 224, 224)
     pss_on(model, stage, eval_keep_rate=0.5)
     model.eval()

@@ -1,43 +1,15 @@
 """Token Expansion: counts, schedule, selection/merge invariants, gradients, model-level behaviour."""
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
-from dsvit.config import Config, ConfigError, ModelConfig
-from dsvit.engine.plugin import State
-from dsvit.model.vit import build_model, timm_kwargs
+from dsvit.config import Config, ConfigError
+from model_helpers import block_inputs, small_vit, start_plugin, vanilla_vit
 from dsvit.plugins.token_expansion import (ToEConfig, TokenExpansion, chunk_sizes, is_active, merge,
                                            round_chunks, seed_positions, stage_index, token_expansion)
 
-MODEL = ModelConfig(name="vit_tiny_patch16_224", embed_dim=32, depth=3, num_heads=2)
-
-
-def small_vit(seed=0, **kw):
-    torch.manual_seed(seed)
-    model, stage = build_model(ModelConfig(**{**MODEL.__dict__, **kw}), num_classes=10)
-    return model, stage
-
-
-def vanilla_vit(seed=0):
-    torch.manual_seed(seed)
-    return timm.create_model(MODEL.name, pretrained=False, **timm_kwargs(MODEL, 10))
-
-
 def toe_on(model, stage, step=0, total_steps=300, **cfg):
-    plugin = TokenExpansion(ToEConfig(**cfg))
-    state = State(cfg=Config(), rank=0, world_size=1, model=model, token_stage=stage, step=step,
-                  total_steps=total_steps)
-    plugin.on_fit_start(state)
-    plugin.on_before_forward(state)
-    return plugin, state
-
-
-def block_inputs(model):
-    sizes = []
-    for blk in model.blocks:
-        blk.register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[1]))
-    return sizes
+    return start_plugin(TokenExpansion(ToEConfig(**cfg)), model, stage, step=step, total_steps=total_steps)
 
 
 def run(seeds_rho=0.25, rates=(0.5, 0.75, 1.0), stage=1, k=2, x=None, p=196, b=3, c=24):

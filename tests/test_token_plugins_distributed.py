@@ -29,7 +29,6 @@ def test_switched_off_equals_absent(tmp_path, plugin):
 def test_eval_keep_rate_sweep(tmp_path, capsys):
     run = tmp_path / "run"
     launch(run, ["run.max_steps=2", "plugins.pss.enabled=true"])
-    from dsvit.data.memory import random_dataset  # noqa: F401
     # the memory dataset has no shard folder: evaluate on a synthetic one written for the purpose
     from dsvit.data.synthetic import ensure_synthetic
     root = ensure_synthetic(str(tmp_path / "data"), 40, 60, seed=0)

@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dsvit.data.shards import IMAGE_EXTS, INFO_NAME
 from dsvit.data.transforms import (BatchNormalize, build_eraser, build_eval_transform,
-                                   build_train_transform, mix64, seed_sample)
+                                   build_train_transform, seed_sample)
 
 
 def read_info(root: str) -> dict:

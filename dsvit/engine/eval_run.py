@@ -70,13 +70,11 @@ def run_eval(run_dir: Path, overrides: list[str], world, tag: str = "", ema: boo
         plugins = PluginSet(build_plugins(cfg.plugins))
         state = State(cfg=cfg, rank=world.rank, world_size=world.world_size, model=model,
                       token_stage=stage, training=False)
-        stage.after_embed.clear()
-        stage.before_block.clear()
-        stage.attn_mask.clear()
         plugins.fire("fit_start", state)
         plugins.fire("eval_start", state)
         metrics = evaluate_model(model, eval_data.batches(), device)
         plugins.fire("eval_end", state)
+        plugins.fire("fit_end", state)     # plugins remove their hooks: the next rate starts clean
         rows.append((rate, metrics))
     if world.rank == 0:
         print(f"checkpoint {tag_dir}{' (EMA)' if ema else ''}")

@@ -11,8 +11,6 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Optional
-
 import torch
 
 log = logging.getLogger("dsvit")

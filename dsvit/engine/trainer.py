@@ -20,7 +20,7 @@ from dsvit import config as C
 from dsvit.engine import checkpoint as ckpt
 from dsvit.engine.ema import WeightEMA
 from dsvit.engine.evaluate import evaluate_model
-from dsvit.engine.logging import RunLogger, log
+from dsvit.engine.logging import RunLogger
 from dsvit.engine.plugin import Batch, PluginSet, State
 from dsvit.model.vit import build_model, create_vit
 from dsvit.plugins import build_plugins
@@ -72,7 +72,6 @@ def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float) -> to
 class Trainer:
     def __init__(self, cfg: C.Config, world: World, plugins: Optional[list] = None,
                  train_data=None, eval_data=None, num_classes: Optional[int] = None):
-        import deepspeed
         from deepspeed.accelerator import get_accelerator
 
         self.cfg, self.world = cfg, world
@@ -130,12 +129,11 @@ class Trainer:
         root = d.root
         if root == "synthetic":
             from dsvit.data.synthetic import ensure_synthetic
-            out = self.run_dir / "data"
-            if w.rank == 0:
-                ensure_synthetic(str(out), d.synthetic_train, d.synthetic_val, seed=0)
+            root = str(self.run_dir / "data")
+            if w.rank == 0:   # the others wait, then read what rank 0 wrote
+                ensure_synthetic(root, d.synthetic_train, d.synthetic_val, seed=0)
             if dist.is_initialized():
                 dist.barrier()
-            root = ensure_synthetic(str(out), d.synthetic_train, d.synthetic_val, seed=0)
         info = pipeline.read_info(root)
         common = dict(img_size=self.cfg.model.img_size, rank=w.rank, world_size=w.world_size)
         t = self.cfg.train
@@ -182,6 +180,8 @@ class Trainer:
         return {"model": m.name, "img_size": m.img_size, "patch_size": m.patch_size,
                 "embed_dim": m.embed_dim, "depth": m.depth, "num_classes": self.num_classes,
                 "plugins": sorted(p.name for p in self.plugins), "world_size": self.world.world_size,
+                # LR and plugin schedules are functions of the step and the run length
+                "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
                 "zero_stage": self.zero_stage}
 
     # ------------------------------------------------------------ checkpoints

@@ -84,10 +84,6 @@ class TokenStage:
             del self.attn_mask[i]
 
     # ------------------------------------------------------------ helpers for hooks
-    @property
-    def num_tokens_hint(self) -> Optional[int]:
-        return None if self.positions is None else self.positions.shape[1]
-
     def current_positions(self, x: torch.Tensor) -> torch.Tensor:
         if self.positions is None:
             n = x.shape[1]

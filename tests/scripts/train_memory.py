@@ -18,7 +18,6 @@ import probe_plugin  # noqa: E402,F401  (registers the 'probe' test plugin)
 from dsvit import config as C  # noqa: E402
 from dsvit.cli import _init_distributed  # noqa: E402
 from dsvit.data.memory import MemoryEvalData, MemoryTrainData, random_dataset  # noqa: E402
-from dsvit.engine import checkpoint as ckpt  # noqa: E402
 from dsvit.engine.trainer import Trainer  # noqa: E402
 
 
