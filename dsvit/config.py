@@ -242,11 +242,22 @@ def apply_override(cfg: Config, item: str) -> None:
     _set_fields(getattr(cfg, parts[0]), {parts[1]: parsed if parsed is not None else value}, parts[0] + ".")
 
 
+def _apply_recipe(cfg: Config, name_or_path: str, seen: tuple = ()) -> None:
+    """Apply a recipe; a top-level ``base: NAME`` is applied first, so recipes state only changes."""
+    path = recipe_path(name_or_path)
+    if path in seen:
+        raise ConfigError(f"recipe {path} names itself as a base (via {' -> '.join(map(str, seen))})")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    base = data.pop("base", None)
+    if base:
+        _apply_recipe(cfg, base, seen + (path,))
+    apply_mapping(cfg, data)
+
+
 def load_config(recipe: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
     cfg = Config()
-    path = recipe_path(recipe or "default")
-    with open(path) as f:
-        apply_mapping(cfg, yaml.safe_load(f) or {})
+    _apply_recipe(cfg, recipe or "default")
     for item in overrides or []:
         apply_override(cfg, item)
     return cfg

@@ -61,3 +61,14 @@ def test_resolved_config_round_trips(tmp_path):
     import yaml
     again = C.from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
     assert C.to_dict(again) == C.to_dict(cfg)
+
+
+def test_recipe_base_inheritance(tmp_path):
+    toe = C.load_config("toe")
+    default = C.load_config("default")
+    assert toe.model == default.model and toe.train == default.train
+    assert toe.run.dir == "runs/toe" and "toe" in toe.plugins and "toe" not in default.plugins
+    loop = tmp_path / "loop.yaml"
+    loop.write_text(f"base: {loop}\n")
+    with pytest.raises(C.ConfigError, match="names itself as a base"):
+        C.load_config(str(loop))

@@ -119,6 +119,7 @@ class Trainer:
                            data=self.train_data, steps_per_epoch=self.steps_per_epoch,
                            total_steps=self.total_steps)
         self.best_top1 = 0.0
+        self.fit_start_time = time.perf_counter()   # reset when fit() starts
 
     # ------------------------------------------------------------ setup
     def _data(self, train_data, eval_data, num_classes):
@@ -265,6 +266,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         loss_count, data_wait, tokens = 0, 0.0, 0.0
         t_last, step_last = time.perf_counter(), s.step
+        self.fit_start_time = t_last
         while s.step < self.total_steps:
             self.plugins.fire("epoch_start", s)
             batches = self.train_data.epoch_batches(s.epoch, skip_batches=s.step_in_epoch * t.grad_accum)
@@ -301,6 +303,7 @@ class Trainer:
                     lg.scalar("train/data_wait_fraction", data_wait / dt)
                     lg.scalar("train/tokens_per_image", tokens / loss_count)
                     lg.scalar("train/epoch", s.epoch + s.step_in_epoch / self.steps_per_epoch)
+                    lg.scalar("time/wall_s", time.perf_counter() - self.fit_start_time)
                     lg.flush(s.step)
                     lg.advance(n_steps, loss=f"{loss:.3f}", img_s=f"{n_steps * t.batch_size / dt:.0f}")
                     loss_sum.zero_()
@@ -356,6 +359,7 @@ class Trainer:
         prefix = "eval_ema" if use_ema else "eval"
         for k in ("top1", "top5", "loss"):
             self.logger.scalar(f"{prefix}/{k}", metrics[k])
+        self.logger.scalar("time/wall_s", time.perf_counter() - self.fit_start_time)
         self.logger.flush(s.step)
         self.logger.info("step %d %s: top1 %.2f top5 %.2f loss %.4f on %d samples", s.step, prefix,
                          metrics["top1"], metrics["top5"], metrics["loss"], metrics["samples"])
