@@ -120,6 +120,7 @@ class Trainer:
                            total_steps=self.total_steps)
         self.best_top1 = 0.0
         self.fit_start_time = time.perf_counter()   # reset when fit() starts
+        self.paused_s = 0.0   # eval/checkpoint time inside a logging interval: not step time
 
     # ------------------------------------------------------------ setup
     def _data(self, train_data, eval_data, num_classes):
@@ -187,7 +188,7 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
-        s = self.state
+        t0, s = time.perf_counter(), self.state
         client = {"step": s.step, "epoch": s.epoch, "step_in_epoch": s.step_in_epoch,
                   "plugins": self.plugins.state_dict(), "best_top1": self.best_top1,
                   "ema": self.ema.state_dict() if self.ema else None, "config": C.to_dict(self.cfg)}
@@ -195,6 +196,7 @@ class Trainer:
         path = ckpt.save(self.engine, self.ckpt_dir, s.step, client, self.fingerprint(),
                          self.world.rank, self.cfg.checkpoint.keep_last)
         self.logger.info("checkpoint %s", path)
+        self.paused_s += time.perf_counter() - t0
         return path
 
     def resume(self, where: str) -> bool:
@@ -289,7 +291,7 @@ class Trainer:
                     self.rebuild(s.rebuild_request)
                     s.rebuild_request = None
                 if s.step % cfg.log.every_steps == 0 or s.step == self.total_steps:
-                    dt = time.perf_counter() - t_last
+                    dt = time.perf_counter() - t_last - self.paused_s
                     n_steps = s.step - step_last
                     if dist.is_initialized() and self.world.world_size > 1:
                         dist.all_reduce(loss_sum)
@@ -308,7 +310,7 @@ class Trainer:
                     lg.advance(n_steps, loss=f"{loss:.3f}", img_s=f"{n_steps * t.batch_size / dt:.0f}")
                     loss_sum.zero_()
                     loss_count, data_wait, tokens = 0, 0.0, 0.0
-                    t_last, step_last = time.perf_counter(), s.step
+                    t_last, step_last, self.paused_s = time.perf_counter(), s.step, 0.0
                 if (self._step_checkpoint_due() and s.step_in_epoch < self.steps_per_epoch
                         and s.step < self.total_steps):
                     self.save_checkpoint()
@@ -347,7 +349,7 @@ class Trainer:
 
     # ------------------------------------------------------------ evaluation
     def evaluate(self, use_ema: Optional[bool] = None) -> dict:
-        s = self.state
+        t0, s = time.perf_counter(), self.state
         use_ema = self.ema is not None if use_ema is None else use_ema
         model = self.ema.model if use_ema else self.engine
         self.engine.eval()
@@ -366,4 +368,5 @@ class Trainer:
         self.plugins.fire("eval_end", s)
         s.training = True
         self.engine.train()
+        self.paused_s += time.perf_counter() - t0
         return metrics
