@@ -22,7 +22,7 @@ from PIL import Image
 
 from dsvit.config import DataConfig
 from dsvit.data import pipeline as P
-from dsvit.data.transforms import fix_posterize, seed_sample
+from dsvit.data.transforms import fix_posterize, seed_rngs
 
 TARBALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
@@ -51,37 +51,37 @@ def measure(batches, limit):
 
 
 def breakdown_shards(td, n):
-    """Per-image microseconds for read (tar), decode, seed, augment, collate; one process."""
+    """Per-image microseconds for read (tar + shuffle buffer), decode, seed, each augmentation stage
+    and collate (stack, normalise, erase); one process, the pipeline's batch-wise order."""
+    import itertools
+
+    import numpy as np
     ds = P._RankStream(td._plan(0, 0), td.transform, td.normalize, td.eraser, True)
-    t = {"read": 0.0, "decode": 0.0, "seed": 0.0, "augment": 0.0, "collate": 0.0}
+    stats = {"corrupt_skipped": 0, "filtered": 0}
+    t = {"read": 0.0, "decode": 0.0, "seed": 0.0}
     t0 = time.perf_counter()
-    samples = []
-    for url in td.urls:
-        for key, s in P.iter_shard(url):
-            samples.append((int(key), s))
-            if len(samples) == n:
-                break
-        if len(samples) == n:
-            break
+    raw = list(itertools.islice(ds._stream(stats, True), n))
     t["read"] = time.perf_counter() - t0
-    items = []
-    for uid, s in samples:
+    for g in range(n // td.batch):
+        batch = raw[g * td.batch:(g + 1) * td.batch]
         a = time.perf_counter()
-        img = Image.open(io.BytesIO(s["jpg"])).convert("RGB")
-        b = time.perf_counter()
-        seed_sample(0, 0, uid)
-        c = time.perf_counter()
-        items.append((td.transform(img), int(s["cls"])))
-        d = time.perf_counter()
-        t["decode"] += b - a
-        t["seed"] += c - b
-        t["augment"] += d - c
-    a = time.perf_counter()
-    for i in range(0, n - td.batch + 1, td.batch):
-        ds._collate(items[i:i + td.batch], [u for u, _ in samples[i:i + td.batch]], [True] * td.batch,
-                    {"corrupt_skipped": 0, "filtered": 0})
-    t["collate"] = time.perf_counter() - a
-    return {k: 1e6 * v / n for k, v in t.items()}
+        items = [ds._decode(*r, stats) for r in batch]
+        t["decode"] += time.perf_counter() - a
+        imgs = [img for img, _ in items]
+        for k, stage in enumerate(ds.stages):
+            a = time.perf_counter()
+            seed_rngs(0, 0, 0, g, k)
+            b = time.perf_counter()
+            imgs = [stage(x) for x in imgs]
+            name = "aug:" + type(stage).__name__.replace("AndInterpolation", "")
+            t["seed"] += b - a
+            t[name] = t.get(name, 0.0) + time.perf_counter() - b
+        a = time.perf_counter()
+        images = td.normalize(torch.from_numpy(np.stack([np.asarray(x) for x in imgs])).permute(0, 3, 1, 2).contiguous())
+        seed_rngs(0, 0, 0, g, len(ds.stages))
+        td.eraser(images)
+        t["collate"] = t.get("collate", 0.0) + time.perf_counter() - a
+    return {k: 1e6 * v / (n // td.batch * td.batch) for k, v in t.items()}
 
 
 def breakdown_timm(ds, transform, n):

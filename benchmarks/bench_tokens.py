@@ -1,6 +1,7 @@
 """Token-reduction speed: training step of a ViT with ToE / PSS hooks vs full tokens.
 
     python benchmarks/bench_tokens.py [--model vit_small_patch16_224] [--img 224] [--batch 16]
+                                      [--patch P] [--embed-dim C] [--depth D] [--heads H]
                                       [--rounds 4] [--steps 1] [--warmup 1] [--threads 2]
                                       [--budget 600] [--variants base,toe1,...]
 
@@ -108,6 +109,10 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--budget", type=float, default=600.0, help="stop starting rounds after this many s")
     ap.add_argument("--variants", default="base,toe1,toe2,pss2,pss4,pss6,pss8")
+    ap.add_argument("--patch", type=int, default=None, help="model overrides (default: the timm model's)")
+    ap.add_argument("--embed-dim", type=int, default=None)
+    ap.add_argument("--depth", type=int, default=None)
+    ap.add_argument("--heads", type=int, default=None)
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -115,7 +120,9 @@ def main():
     from dsvit.config import ModelConfig
     from dsvit.model.vit import build_model
 
-    model, stage = build_model(ModelConfig(name=args.model, img_size=args.img), args.classes)
+    model, stage = build_model(ModelConfig(name=args.model, img_size=args.img, patch_size=args.patch,
+                                              embed_dim=args.embed_dim, depth=args.depth,
+                                              num_heads=args.heads), args.classes)
     model.train()
     c = model.embed_dim
     depth = len(model.blocks)

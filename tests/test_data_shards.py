@@ -166,6 +166,7 @@ def test_npz_missing_key(tmp_path):
 def test_posterize_zero_bits_fixed():
     from timm.data import auto_augment as aa
     from dsvit.config import DataConfig
+    from dsvit.data import fast_ops
     from dsvit.data.transforms import build_train_transform, safe_posterize
     img = Image.new("RGB", (8, 8), (200, 100, 50))
     bits = aa._posterize_increasing_level_to_arg(10, {})[0]  # magnitude 10 -> 0 bits
@@ -173,10 +174,11 @@ def test_posterize_zero_bits_fixed():
     with pytest.raises(ValueError, match="bits must be"):  # the bug this fixes (Pillow >= 11)
         aa.posterize(img, bits)
     assert safe_posterize(img, bits).size == (8, 8)
+    assert np.array_equal(np.asarray(fast_ops.posterize(img, bits)), np.asarray(safe_posterize(img, bits)))
     t = build_train_transform(DataConfig(auto_augment="rand-m9-mstd0.5-inc1"), 8)
     ra = [x for x in t.transforms if isinstance(x, aa.RandAugment)][0]
     ops = [op for op in ra.ops if op.name == "PosterizeIncreasing"]
-    assert ops and all(op.aug_fn is safe_posterize for op in ops)
+    assert ops and all(op.aug_fn is fast_ops.posterize for op in ops)
     op = ops[0]
     op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0
     assert op(img).size == (8, 8)

@@ -21,6 +21,13 @@ def test_toe_and_pss_train_and_resume_on_two_ranks(tmp_path):
     assert all("pss/keep_rate" in r for r in rows if "train/loss" in r)   # ... and reported it
 
 
+def test_toe_and_pss_resume_with_grad_accumulation(tmp_path):
+    """2 micro-batches per optimizer step: the schedules follow optimizer steps, and a resume lands
+    on a step boundary with the same plugin state."""
+    check_resume_equivalence(tmp_path, TOKENS + ["train.grad_accum=2", "plugins.pss.period_steps=2"],
+                             world_size=2, k=2)
+
+
 @pytest.mark.parametrize("plugin", ["toe", "pss"])
 def test_switched_off_equals_absent(tmp_path, plugin):
     check_off_equals_absent(tmp_path, plugin, ["model.grad_checkpointing=true"])

@@ -1,13 +1,15 @@
 """timm transforms for the shard pipeline, per-sample RNG seeding, and the Pillow posterize fix.
 
-Transforms are timm's (``create_transform`` with ``use_prefetcher=True``): they end in a uint8
-[3, H, W] tensor, and normalisation (plus random erasing) runs once per batch on the stacked
-tensor, which is cheaper than per-sample float conversion.
+Transforms are timm's (``create_transform`` with ``use_prefetcher=True``); the pipeline runs their
+PIL stages (:func:`image_stages`) batch-wise and stacks uint8 arrays, and normalisation (plus random
+erasing) runs once per batch on the stacked tensor, which is cheaper than per-sample float conversion.
+Training transforms get :func:`dsvit.data.fast_ops.speed_up`: bit-exact, faster lookup-table ops.
 
 Pillow >= 11 raises "bits must be between or equal to 1 and 8" for ``ImageOps.posterize(img, 0)``;
 timm 1.0.31's ``PosterizeIncreasing`` (RandAugment ``inc1``, the DeiT recipe) maps high magnitudes
-to 0 bits, which kills a loader worker. :func:`fix_posterize` swaps the op's function for one that
-clamps bits to >= 1 (1 bit is the closest image Pillow allows to the old 0-bit result).
+to 0 bits, which kills a loader worker. Both ``fast_ops.posterize`` and :func:`safe_posterize` clamp
+bits to >= 1 (1 bit is the closest image Pillow allows to the old 0-bit result); :func:`fix_posterize`
+applies only that fix, for plain timm loaders (the benchmark baseline).
 """
 from __future__ import annotations
 
@@ -15,9 +17,12 @@ import random
 
 import numpy as np
 import torch
+from PIL import ImageOps
 from timm.data import auto_augment, create_transform
 from timm.data.random_erasing import RandomErasing
-from PIL import ImageOps
+from timm.data.transforms import MaybePILToTensor
+
+from dsvit.data.fast_ops import speed_up
 
 MASK64 = (1 << 64) - 1
 
@@ -31,20 +36,7 @@ def safe_posterize(img, bits_to_keep, **__):
 
 def fix_posterize(transform):
     """Replace timm's posterize in every AugmentOp reachable from ``transform``; returns it."""
-    stack = [transform]
-    while stack:
-        t = stack.pop()
-        if isinstance(t, auto_augment.AugmentOp):
-            if t.aug_fn is auto_augment.posterize:
-                t.aug_fn = safe_posterize
-            continue
-        for attr in ("transforms", "ops", "policy"):
-            children = getattr(t, attr, None)
-            if isinstance(children, (list, tuple)):
-                stack.extend(children)
-            elif children is not None and hasattr(children, "__iter__"):
-                stack.extend(list(children))
-    return transform
+    return speed_up(transform, {auto_augment.posterize: safe_posterize})
 
 
 def build_train_transform(cfg, img_size: int):
@@ -52,12 +44,21 @@ def build_train_transform(cfg, img_size: int):
         img_size, is_training=True, use_prefetcher=True, scale=(cfg.scale_min, 1.0), hflip=cfg.hflip,
         auto_augment=cfg.auto_augment or None, color_jitter=cfg.color_jitter or None,
         interpolation=cfg.interpolation, mean=tuple(cfg.mean), std=tuple(cfg.std), re_prob=0.0)
-    return fix_posterize(t)
+    return speed_up(t)
 
 
 def build_eval_transform(cfg, img_size: int):
     return create_transform(img_size, is_training=False, use_prefetcher=True, crop_pct=cfg.crop_pct,
                             interpolation=cfg.interpolation, mean=tuple(cfg.mean), std=tuple(cfg.std))
+
+
+def image_stages(transform) -> list:
+    """The PIL-image stages of a timm prefetcher transform: its Compose list minus the final
+    MaybePILToTensor (the pipeline stacks uint8 arrays per batch instead)."""
+    stages = list(transform.transforms)
+    if not stages or type(stages[-1]) is not MaybePILToTensor:
+        raise ValueError(f"expected a timm prefetcher transform ending in MaybePILToTensor, got {transform}")
+    return stages[:-1]
 
 
 def build_eraser(cfg):
@@ -74,9 +75,9 @@ def mix64(*values: int) -> int:
     return h
 
 
-def seed_sample(*values: int) -> None:
+def seed_rngs(*values: int) -> None:
     """Seed python `random`, numpy's global RNG and torch's CPU RNG (all used by timm/torchvision
-    transforms) from ``values``, so a sample's augmentation depends only on e.g. (seed, epoch, uid)."""
+    transforms) from ``values``, e.g. (seed, epoch, rank, batch, stage), so augmentation is reproducible."""
     s = mix64(*values)
     random.seed(s)
     np.random.seed(s & 0xFFFFFFFF)
