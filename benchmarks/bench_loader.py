@@ -22,7 +22,7 @@ from PIL import Image
 
 from dsvit.config import DataConfig
 from dsvit.data import pipeline as P
-from dsvit.data.transforms import fix_posterize, seed_rngs
+from dsvit.data.transforms import fix_posterize, seed_rngs, stack_images
 
 TARBALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
@@ -55,7 +55,6 @@ def breakdown_shards(td, n):
     and collate (stack, normalise, erase); one process, the pipeline's batch-wise order."""
     import itertools
 
-    import numpy as np
     ds = P._RankStream(td._plan(0, 0), td.transform, td.normalize, td.eraser, True)
     stats = {"corrupt_skipped": 0, "filtered": 0}
     t = {"read": 0.0, "decode": 0.0, "seed": 0.0}
@@ -77,7 +76,7 @@ def breakdown_shards(td, n):
             t["seed"] += b - a
             t[name] = t.get(name, 0.0) + time.perf_counter() - b
         a = time.perf_counter()
-        images = td.normalize(torch.from_numpy(np.stack([np.asarray(x) for x in imgs])).permute(0, 3, 1, 2).contiguous())
+        images = td.normalize(stack_images(imgs))
         seed_rngs(0, 0, 0, g, len(ds.stages))
         td.eraser(images)
         t["collate"] = t.get("collate", 0.0) + time.perf_counter() - a

@@ -4,7 +4,8 @@
    per image (decode, seed, whole transform), decode batch-first, stage-wise with per-sample seeds,
    stage-wise with per-batch seeds (what the pipeline does); each with timm's original ops
    (posterize fix only) and with dsvit.data.fast_ops.
-2. Tar reading: our reader (pipeline.iter_shard) vs webdataset's tar_file_iterator + group_by_keys.
+2. Each lookup-table RandAugment op alone, timm's vs fast_ops', over the decoded images (us/image).
+3. Tar reading: our reader (pipeline.iter_shard) vs webdataset's tar_file_iterator + group_by_keys.
 
     python benchmarks/bench_loader_ablation.py SHARD_DIR [--batches 30] [--rounds 3]
 
@@ -30,25 +31,20 @@ def _decode(sample):
         return im.convert("RGB")
 
 
+def _transform_one(img, uid, stages):
+    seed_rngs(0, uid)
+    for t in stages:
+        img = t(img)
+    return img
+
+
 def per_image(batch, stages):
-    out = []
-    for uid, s in batch:
-        img = _decode(s)
-        seed_rngs(0, uid)
-        for t in stages:
-            img = t(img)
-        out.append(img)
-    return out
+    return [_transform_one(_decode(s), uid, stages) for uid, s in batch]
 
 
 def decode_first(batch, stages):
-    imgs, out = [_decode(s) for _, s in batch], []
-    for (uid, _), img in zip(batch, imgs):
-        seed_rngs(0, uid)
-        for t in stages:
-            img = t(img)
-        out.append(img)
-    return out
+    imgs = [_decode(s) for _, s in batch]
+    return [_transform_one(img, uid, stages) for (uid, _), img in zip(batch, imgs)]
 
 
 def stagewise_sample_seeds(batch, stages):
@@ -100,6 +96,25 @@ def main():
                     v(b, stages)
                 best = min(best, (time.perf_counter() - t) / len(raw) * 1e6)
             print(f"  {ops_name:8s} {v.__name__:24s} {best:6.1f}")
+
+    from timm.data import auto_augment as aa
+
+    from dsvit.data import fast_ops
+    imgs = [_decode(s) for _, s in raw[:2000]]
+    args_of = {aa.solarize: (128,), aa.solarize_add: (50,), aa.posterize: (3,)}
+    print(f"lookup-table ops alone, us/image over {len(imgs)} images (min of {args.rounds}):")
+    for orig, fast in fast_ops.FAST.items():
+        a = args_of.get(orig, ())
+        row = []
+        for fn in (orig, fast):
+            best = float("inf")
+            for _ in range(args.rounds):
+                t = time.perf_counter()
+                for img in imgs:
+                    fn(img, *a)
+                best = min(best, (time.perf_counter() - t) / len(imgs) * 1e6)
+            row.append(best)
+        print(f"  {orig.__name__:14s} timm {row[0]:6.1f}  fast_ops {row[1]:6.1f}")
 
     import webdataset as wds
     from webdataset import tariterators as ti

@@ -24,10 +24,17 @@ def free_port() -> int:
 
 def launch(run_dir: Path, overrides: list[str], world_size: int = 1, extra: list[str] = (),
            check: bool = True, script: Path = SCRIPT) -> subprocess.CompletedProcess:
-    cmd = [str(DEEPSPEED), "--num_gpus", str(world_size), "--master_port", str(free_port()),
+    port = free_port()
+    cmd = [str(DEEPSPEED), "--num_gpus", str(world_size), "--master_port", str(port),
            str(script), *extra, f"run.dir={run_dir}", *overrides]
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        # DeepSpeed's CPU shm all-reduce leaves a 66 MiB /dev/shm buffer per rank and master port;
+        # a suite of launches on fresh ports would otherwise fill /dev/shm (it did: 22 GiB)
+        for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            f.unlink(missing_ok=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"launch failed ({proc.returncode}): {' '.join(cmd)}\n"
                              f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")

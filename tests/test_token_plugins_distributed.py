@@ -22,8 +22,8 @@ def test_toe_and_pss_train_and_resume_on_two_ranks(tmp_path):
 
 
 def test_toe_and_pss_resume_with_grad_accumulation(tmp_path):
-    """2 micro-batches per optimizer step: the schedules follow optimizer steps, and a resume lands
-    on a step boundary with the same plugin state."""
+    """2 micro-batches per optimizer step: a run stopped and resumed equals the straight run in every
+    checkpointed tensor (weights, optimizer, plugin state, RNG) and in the loss trace."""
     check_resume_equivalence(tmp_path, TOKENS + ["train.grad_accum=2", "plugins.pss.period_steps=2"],
                              world_size=2, k=2)
 

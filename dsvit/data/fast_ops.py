@@ -1,16 +1,16 @@
 """Bit-exact, faster stand-ins for timm's lookup-table RandAugment ops and the per-image flip.
 
 Why: Pillow 13's ``Image.point`` rounds its lookup table in Python (768 ``round`` calls for an RGB
-image), and ``ImageOps`` rebuilds the table in Python on every call. On 32x32 images that is
-~60-150 us per op, more than the JPEG decode. Here the tables are numpy arrays (cached where they
+image), and ``ImageOps`` rebuilds the table in Python on every call. On 32x32 CIFAR-10 images that
+is 50-140 us per op vs 22-95 us here (``benchmarks/bench_loader_ablation.py``). Here the tables are numpy arrays (cached where they
 depend only on the op's integer argument) applied by fancy indexing. The outputs are pixel-for-
 pixel equal to timm/Pillow's (tests/test_data_fast_ops.py checks every op against the original on
 random and degenerate images), and each op consumes the same random draws, so a seeded run sees
 the same augmentation with or without them.
 
-:func:`speed_up` swaps them into every ``AugmentOp`` of a transform (and torchvision's
-``RandomHorizontalFlip`` for one drawing ``torch.rand(1)`` the same way, without torchvision's
-per-call logging). Modes other than L/RGB fall back to the original functions.
+:func:`speed_up` swaps them into every ``AugmentOp`` of a transform (:func:`swap_aug_ops`) and
+replaces torchvision's ``RandomHorizontalFlip`` by one drawing ``torch.rand(1)`` the same way,
+without torchvision's per-call logging. Modes other than L/RGB fall back to the original functions.
 """
 from __future__ import annotations
 
@@ -142,24 +142,28 @@ FAST = {auto_augment.auto_contrast: auto_contrast, auto_augment.equalize: equali
         auto_augment.solarize_add: solarize_add, auto_augment.posterize: posterize}
 
 
-def speed_up(transform, ops: dict | None = None):
-    """Swap the ops in ``ops`` (default :data:`FAST`) into every AugmentOp reachable from
-    ``transform`` (RandAugment, AutoAugment sub-policies, Compose) and, with the default ops, replace
-    torchvision's flip by :class:`HorizontalFlip`; returns ``transform`` (changed in place)."""
-    ops = FAST if ops is None else ops
+def swap_aug_ops(transform, mapping: dict):
+    """Replace ``aug_fn`` by ``mapping[aug_fn]`` in every AugmentOp reachable from ``transform``
+    (Compose, RandAugment, AutoAugment sub-policies); returns ``transform`` (changed in place)."""
     stack = [transform]
     while stack:
         t = stack.pop()
         if isinstance(t, auto_augment.AugmentOp):
-            t.aug_fn = ops.get(t.aug_fn, t.aug_fn)
+            t.aug_fn = mapping.get(t.aug_fn, t.aug_fn)
         elif isinstance(t, (list, tuple)):
             stack.extend(t)
         else:
             for attr in ("transforms", "ops", "policy"):
                 children = getattr(t, attr, None)
-                if isinstance(children, list) and ops is FAST:
-                    children[:] = [HorizontalFlip(c.p) if type(c) is tvt.RandomHorizontalFlip else c
-                                   for c in children]
                 if isinstance(children, (list, tuple)):
                     stack.extend(children)
+    return transform
+
+
+def speed_up(transform):
+    """The :data:`FAST` ops in every AugmentOp, and :class:`HorizontalFlip` for torchvision's flip
+    in the top-level Compose; returns ``transform`` (changed in place)."""
+    swap_aug_ops(transform, FAST)
+    transform.transforms[:] = [HorizontalFlip(t.p) if type(t) is tvt.RandomHorizontalFlip else t
+                               for t in transform.transforms]
     return transform

@@ -48,7 +48,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dsvit.data.shards import IMAGE_EXTS, INFO_NAME
 from dsvit.data.transforms import (BatchNormalize, build_eraser, build_eval_transform,
-                                   build_train_transform, image_stages, seed_rngs)
+                                   build_train_transform, image_stages, seed_rngs,
+                                   stack_images)
 
 
 def read_info(root: str) -> dict:
@@ -116,8 +117,8 @@ def _balance(weights: np.ndarray, n_bins: int) -> list[list[int]]:
 
 def _tar_members(stream, url: str):
     """Yield (name, bytes) of regular files in a tar stream. A minimal ustar/pax/GNU reader, used
-    instead of webdataset's ``tar_file_iterator`` + ``group_by_keys`` (tarfile-based): 8.4 vs 79-84
-    us per CIFAR-10 sample, and every loader worker reads its rank's whole stream, so that would cost
+    instead of webdataset's ``tar_file_iterator`` + ``group_by_keys`` (tarfile-based): 9-15 vs 80-121
+    us per CIFAR-10 sample (benchmarks/bench_loader_ablation.py), and every loader worker reads its rank's whole stream, so that would cost
     more than the JPEG decode. Raises EOFError if cut off."""
     long_name = None
     while True:
@@ -260,8 +261,8 @@ class _RankStream(IterableDataset):
         """Decode, augment and collate batch ``g`` from its undecoded (uid, url, key, sample)s.
 
         Each stage runs over the whole batch before the next (decode all, crop all, ...): on small
-        images, where Python and Pillow call overhead dominate, that is ~1.4x faster than running the
-        whole transform per image (benchmarks/RESULTS.md). Training RNGs are seeded per
+        images, where Python and Pillow call overhead dominate, that is 1.4-1.6x faster than running
+        the whole transform per image (benchmarks/bench_loader_ablation.py). Training RNGs are seeded per
         (seed, epoch, rank, batch, stage), so the batch does not depend on the loader's worker count."""
         items = [self._decode(uid, url, key, sample, stats) for uid, url, key, sample in raw]
         uids = [r[0] for r in raw]
@@ -276,7 +277,7 @@ class _RankStream(IterableDataset):
             if self.train:
                 seed_rngs(p["seed"], p["epoch"], p["rank"], g, k)
             imgs = [stage(x) for x in imgs]
-        images = self.normalize(torch.from_numpy(np.stack([np.asarray(x) for x in imgs])).permute(0, 3, 1, 2).contiguous())
+        images = self.normalize(stack_images(imgs))
         if self.eraser is not None:
             seed_rngs(p["seed"], p["epoch"], p["rank"], g, len(self.stages))
             self.eraser(images)  # per sample, in place

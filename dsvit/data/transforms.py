@@ -22,7 +22,7 @@ from timm.data import auto_augment, create_transform
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import MaybePILToTensor
 
-from dsvit.data.fast_ops import speed_up
+from dsvit.data.fast_ops import speed_up, swap_aug_ops
 
 MASK64 = (1 << 64) - 1
 
@@ -36,7 +36,7 @@ def safe_posterize(img, bits_to_keep, **__):
 
 def fix_posterize(transform):
     """Replace timm's posterize in every AugmentOp reachable from ``transform``; returns it."""
-    return speed_up(transform, {auto_augment.posterize: safe_posterize})
+    return swap_aug_ops(transform, {auto_augment.posterize: safe_posterize})
 
 
 def build_train_transform(cfg, img_size: int):
@@ -59,6 +59,11 @@ def image_stages(transform) -> list:
     if not stages or type(stages[-1]) is not MaybePILToTensor:
         raise ValueError(f"expected a timm prefetcher transform ending in MaybePILToTensor, got {transform}")
     return stages[:-1]
+
+
+def stack_images(imgs) -> torch.Tensor:
+    """Same-size RGB PIL images -> uint8 [B, 3, H, W] in one copy."""
+    return torch.from_numpy(np.stack([np.asarray(x) for x in imgs])).permute(0, 3, 1, 2).contiguous()
 
 
 def build_eraser(cfg):
