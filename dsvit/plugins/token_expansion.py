@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from dsvit.config import ConfigError
 from dsvit.engine.plugin import ORDER_TOKENS, Plugin
+from dsvit.model.token_stage import take_tokens
 from dsvit.plugins import register
 
 
@@ -103,11 +104,6 @@ def round_chunks(chunks: list[int], n0: int, num_patches: int, num_prefix: int, 
 
 
 # ---------------------------------------------------------------- tensor core
-def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Gather tokens ``idx`` [B, K] from ``t`` [B, N, C]."""
-    return torch.gather(t, 1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
-
-
 @torch.no_grad()
 def expand(xn: torch.Tensor, sel: torch.Tensor, uns: torch.Tensor, chunks: list[int]):
     """Grow ``sel`` by ``chunks``: each chunk takes the unselected tokens with the lowest maximum cosine
@@ -116,7 +112,7 @@ def expand(xn: torch.Tensor, sel: torch.Tensor, uns: torch.Tensor, chunks: list[
     for n in chunks:
         if n <= 0 or uns.shape[1] == 0:
             continue
-        score = torch.bmm(_take(xn, uns), _take(xn, sel).transpose(1, 2)).amax(-1)   # [B, |U|]
+        score = torch.bmm(take_tokens(xn, uns), take_tokens(xn, sel).transpose(1, 2)).amax(-1)   # [B, |U|]
         order = score.argsort(dim=-1, stable=True)
         sel = torch.cat([sel, torch.gather(uns, 1, order[:, :n])], 1)
         uns = torch.gather(uns, 1, order[:, n:])
@@ -126,14 +122,16 @@ def expand(xn: torch.Tensor, sel: torch.Tensor, uns: torch.Tensor, chunks: list[
 def merge(xp: torch.Tensor, xn: torch.Tensor, sel: torch.Tensor, uns: torch.Tensor):
     """Average every unselected token into its most similar selected token, the host counting once:
     y_s = (x_s + sum_{h(u)=s} x_u) / (1 + #{u: h(u)=s}). Returns (y [B, K, C], host [B, |U|])."""
-    kept = _take(xp, sel)
+    kept = take_tokens(xp, sel)
     if uns.shape[1] == 0:
         return kept, uns
     with torch.no_grad():
-        host = torch.bmm(_take(xn, uns), _take(xn, sel).transpose(1, 2)).argmax(-1)    # [B, |U|]
+        host = torch.bmm(take_tokens(xn, uns), take_tokens(xn, sel).transpose(1, 2)).argmax(-1)    # [B, |U|]
         count = torch.ones(sel.shape, dtype=xp.dtype, device=xp.device)
         count.scatter_add_(1, host, torch.ones(uns.shape, dtype=xp.dtype, device=xp.device))
-    summed = kept.scatter_add(1, host.unsqueeze(-1).expand(-1, -1, xp.shape[-1]), _take(xp, uns))
+    b, k, c = kept.shape
+    flat_host = (host + torch.arange(b, device=host.device).unsqueeze(1) * k).reshape(-1)
+    summed = kept.reshape(b * k, c).index_add(0, flat_host, take_tokens(xp, uns).reshape(-1, c)).view(b, k, c)
     return summed / count.unsqueeze(-1), host
 
 
