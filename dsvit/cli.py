@@ -42,9 +42,26 @@ def _init_distributed(args):
     import deepspeed
     world = _world_from_env(args)
     deepspeed.init_distributed(verbose=False)
+    _release_shm_buffer_name(world.rank)
     from dsvit.engine.logging import setup_console
     setup_console(world.rank)
     return world
+
+
+def _release_shm_buffer_name(rank: int) -> None:
+    """Unlink this rank's /dev/shm name of DeepSpeed's CPU shm all-reduce buffer.
+
+    With the deepspeed launcher and every rank on one host, DeepSpeed's CPU backend creates
+    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>`` (66 MiB) while
+    initialising and never removes it, so every run on a new master port leaves 66 MiB per rank
+    behind (a test suite filled a 24 GiB /dev/shm). Each rank maps every peer's buffer before
+    init_distributed returns, so after one barrier the names are no longer needed: the mappings stay
+    valid until the processes exit, and nothing is left even when a run is killed."""
+    import torch.distributed as dist
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    dist.barrier()      # on every rank, whether or not the buffer exists here (no mismatched barrier)
+    (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
 def cmd_train(args) -> int:

@@ -31,13 +31,17 @@ def launch(run_dir: Path, overrides: list[str], world_size: int = 1, extra: list
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     finally:
-        # DeepSpeed's CPU shm all-reduce leaves a 66 MiB /dev/shm buffer per rank and master port;
-        # a suite of launches on fresh ports would otherwise fill /dev/shm (it did: 22 GiB)
-        for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        # dsvit unlinks DeepSpeed's 66 MiB /dev/shm all-reduce buffer names right after init
+        # (cli._release_shm_buffer_name); a launch that left any behind is a failure, but clean up
+        # first so one failure cannot fill /dev/shm for the rest of the suite
+        left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+        for f in left:
             f.unlink(missing_ok=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"launch failed ({proc.returncode}): {' '.join(cmd)}\n"
                              f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    if check:
+        assert not left, f"the run left DeepSpeed shm buffers behind: {[f.name for f in left]}"
     return proc
 
 
