@@ -83,7 +83,7 @@ def make_variants(names, stage, depth, p, npt, c):
             out[name] = dict(add=lambda plug=plug, ib=ib: stage.add_before_block(ib, plug),
                              remove=lambda plug=plug: stage.remove(plug),
                              tokens=[full] * ib + [kept] * (depth - ib),
-                             extra=toe_hook_macs(p, c, len(seeds), chunks),
+                             extra=toe_hook_macs(p, c, len(seeds), chunks), plugin=plug,
                              label=f"ToE stage {s} (keep {cfg.keep_rates[s - 1]}: {kept - npt} patches "
                                    f"from block {ib})")
         elif name.startswith("cut"):
@@ -213,6 +213,22 @@ def main():
               f"{max(times[name]):.2f}) | {args.batch / med:.2f} | {speed:.2f}x | {macs / 1e9:.2f} | "
               f"{red:.2f}x | {speed / red:.2f} | {base_min / min(times[name]):.2f}x | "
               f"{base_min / min(times[name]) / red:.2f} |")
+    for name in [n for n in names if n.startswith("toe")]:
+        print(f"\n{variants[name]['label']}: the hook alone (forward + backward of its output's sum on a "
+              f"[{args.batch}, {npt + p}, {c}] input), median of 30: "
+              f"{hook_ms(variants[name]['plugin'], args.batch, npt + p, c):.2f} ms")
+
+
+def hook_ms(plugin, batch: int, tokens: int, dim: int, reps: int = 30) -> float:
+    from dsvit.model.token_stage import TokenStage
+    stage, x = TokenStage(), torch.randn(batch, tokens, dim, requires_grad=True)
+    times = []
+    for _ in range(reps + 3):
+        stage.positions, stage.record = None, {}
+        t0 = time.perf_counter()
+        plugin(x, stage).sum().backward()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[3:]) * 1e3
 
 
 if __name__ == "__main__":
