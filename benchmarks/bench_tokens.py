@@ -72,35 +72,22 @@ def make_variants(names, stage, depth, p, npt, c):
         if name == "base":
             out[name] = dict(add=lambda: None, remove=lambda: None, tokens=[full] * depth, extra=0,
                              label="full tokens")
-        elif name.startswith("toe"):
-            s = int(name[3:])
-            plug = TokenExpansion(ToEConfig())
-            plug.stage = s
-            seeds, chunks = plug.plan(p, npt, "cpu")
-            kept = npt + len(seeds) + sum(chunks)
-            cfg = plug.cfg
-            ib = cfg.insert_before_block
-            out[name] = dict(add=lambda plug=plug, ib=ib: stage.add_before_block(ib, plug),
-                             remove=lambda plug=plug: stage.remove(plug),
-                             tokens=[full] * ib + [kept] * (depth - ib),
-                             extra=toe_hook_macs(p, c, len(seeds), chunks), plugin=plug,
-                             label=f"ToE stage {s} (keep {cfg.keep_rates[s - 1]}: {kept - npt} patches "
-                                   f"from block {ib})")
-        elif name.startswith("cut"):
-            # the ideal ToE stage: the same token counts from the same block, without ToE's work
-            # (keep the first tokens); toeN vs cutN is ToE's own overhead
+        elif name[:3] in ("toe", "cut"):
             s = int(name[3:])
             plug = TokenExpansion(ToEConfig())
             plug.stage = s
             seeds, chunks = plug.plan(p, npt, "cpu")
             kept, ib = npt + len(seeds) + sum(chunks), plug.cfg.insert_before_block
-
-            def cut(x, st, kept=kept):
-                return x[:, :kept]
-            out[name] = dict(add=lambda cut=cut, ib=ib: stage.add_before_block(ib, cut),
-                             remove=lambda cut=cut: stage.remove(cut),
-                             tokens=[full] * ib + [kept] * (depth - ib), extra=0,
-                             label=f"first {kept} tokens from block {ib} (ideal ToE stage {s})")
+            tokens = [full] * ib + [kept] * (depth - ib)
+            if name.startswith("toe"):
+                hook, extra = plug, toe_hook_macs(p, c, len(seeds), chunks)
+                label = f"ToE stage {s} (keep {plug.cfg.keep_rates[s - 1]}: {kept - npt} patches from block {ib})"
+            else:   # the ideal stage: same counts from the same block, no ToE work (keep the first tokens)
+                hook, extra = (lambda x, st, kept=kept: x[:, :kept]), 0
+                label = f"first {kept} tokens from block {ib} (ideal ToE stage {s})"
+            out[name] = dict(add=lambda hook=hook, ib=ib: stage.add_before_block(ib, hook),
+                             remove=lambda hook=hook: stage.remove(hook),
+                             tokens=tokens, extra=extra, plugin=plug, label=label)
         elif name.startswith("pss"):
             keep = int(name[3:]) / 10
             hook = inference_hook(keep, "magnitude")

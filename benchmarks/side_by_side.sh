@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Train two cifar10-bench variants at the same time, each pinned to its own CPU core, so that both
-# see the same machine conditions for their whole run (this box's speed drifts by 20-25 % within an
-# hour, which makes back-to-back runs incomparable at the few-percent level).
+# see the same machine conditions for their whole run (this box's speed drifts within the hour:
+# 0.73-1.15 s/step in one 18-minute run, benchmarks/RESULTS.md; back-to-back runs are not comparable
+# at the few-percent level).
 #   benchmarks/side_by_side.sh WORKDIR LABEL_A "OVERRIDES_A" LABEL_B "OVERRIDES_B" [COMMON_OVERRIDES...]
 # e.g. benchmarks/side_by_side.sh /tmp/dsvit-cifar baseline "" toe "plugins.toe.enabled=true" train.epochs=6
 # Runs land in WORKDIR/runs/side_<LABEL>; logs in WORKDIR/side_<LABEL>.log. Each run gets one core and
@@ -10,10 +11,7 @@ set -euo pipefail
 work=$1 la=$2 oa=$3 lb=$4 ob=$5; shift 5
 here=$(cd "$(dirname "$0")" && pwd)
 [ "$(nproc)" -ge 2 ] || { echo "needs 2 cores"; exit 1; }
-tarball=$here/../../shared/data/cifar10-jpeg.tar.gz
-mkdir -p "$work"
-[ -d "$work/cifar10" ] || tar xzf "$tarball" -C "$work"
-[ -f "$work/shards/_info.json" ] || dsvit shards imagefolder "$work/cifar10" "$work/shards"
+"$here/cifar10_prepare.sh" "$work"
 run() {  # core label overrides
   rm -rf "$work/runs/side_$2"
   # shellcheck disable=SC2086

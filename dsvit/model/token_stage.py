@@ -118,11 +118,22 @@ class TokenStage:
 
 
 def take_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Tokens ``idx`` [B, K] of ``x`` [B, N, C]. A flat index_select rather than ``torch.gather`` with
-    an expanded index: the same values and gradients, ~7x faster on CPU at [128, 64, 96]."""
+    """Tokens ``idx`` [B, K] of ``x`` [B, N, C]. One flat index_select rather than ``torch.gather``
+    with an expanded index: the same values and gradients, half the time of ToE's hook on CPU
+    (``benchmarks/bench_tokens.py``'s hook timing, benchmarks/RESULTS.md)."""
     b, n, c = x.shape
-    flat = (idx + torch.arange(b, device=idx.device).unsqueeze(1) * n).reshape(-1)
-    return x.reshape(b * n, c).index_select(0, flat).view(b, idx.shape[1], c)
+    return x.reshape(b * n, c).index_select(0, _flat(idx, n)).view(b, idx.shape[1], c)
+
+
+def add_tokens(x: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``x`` [B, N, C] with ``src[b, j]`` added to token ``idx[b, j]`` (repeats accumulate, in order)."""
+    b, n, c = x.shape
+    return x.reshape(b * n, c).index_add(0, _flat(idx, n), src.reshape(-1, c)).view(b, n, c)
+
+
+def _flat(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, K] per-row token indices -> indices into the [B * N] flattened token axis."""
+    return (idx + torch.arange(idx.shape[0], device=idx.device).unsqueeze(1) * n).reshape(-1)
 
 
 def _block_forward(blk, x, mask):

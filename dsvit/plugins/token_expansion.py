@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from dsvit.config import ConfigError
 from dsvit.engine.plugin import ORDER_TOKENS, Plugin
-from dsvit.model.token_stage import take_tokens
+from dsvit.model.token_stage import add_tokens, take_tokens
 from dsvit.plugins import register
 
 
@@ -129,9 +129,7 @@ def merge(xp: torch.Tensor, xn: torch.Tensor, sel: torch.Tensor, uns: torch.Tens
         host = torch.bmm(take_tokens(xn, uns), take_tokens(xn, sel).transpose(1, 2)).argmax(-1)    # [B, |U|]
         count = torch.ones(sel.shape, dtype=xp.dtype, device=xp.device)
         count.scatter_add_(1, host, torch.ones(uns.shape, dtype=xp.dtype, device=xp.device))
-    b, k, c = kept.shape
-    flat_host = (host + torch.arange(b, device=host.device).unsqueeze(1) * k).reshape(-1)
-    summed = kept.reshape(b * k, c).index_add(0, flat_host, take_tokens(xp, uns).reshape(-1, c)).view(b, k, c)
+    summed = add_tokens(kept, host, take_tokens(xp, uns))
     return summed / count.unsqueeze(-1), host
 
 
@@ -143,7 +141,7 @@ def token_expansion(x: torch.Tensor, num_prefix: int, seeds: torch.Tensor, chunk
     into x of the tokens averaged away; host [B, P - K] their host's index into y's token axis."""
     b, n, _ = x.shape
     p = n - num_prefix
-    prefix, xp = x[:, :num_prefix], x[:, num_prefix:]
+    prefix, xp = x[:, :num_prefix], x[:, num_prefix:].contiguous()   # one copy, not one per gather
     mask = torch.ones(p, dtype=torch.bool, device=x.device)
     mask[seeds] = False
     sel = seeds.expand(b, -1)
