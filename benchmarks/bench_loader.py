@@ -22,6 +22,7 @@ from PIL import Image
 
 from dsvit.config import DataConfig
 from dsvit.data import pipeline as P
+from dsvit.data.stream import RankStream
 from dsvit.data.transforms import fix_posterize, seed_rngs, stack_images
 
 TARBALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -55,7 +56,7 @@ def breakdown_shards(td, n):
     and collate (stack, normalise, erase); one process, the pipeline's batch-wise order."""
     import itertools
 
-    ds = P._RankStream(td._plan(0, 0), td.transform, td.normalize, td.eraser, True)
+    ds = RankStream(td._plan(0, 0), td.transform, td.normalize, td.eraser, True)
     stats = {"corrupt_skipped": 0, "filtered": 0}
     t = {"read": 0.0, "decode": 0.0, "seed": 0.0}
     t0 = time.perf_counter()

@@ -5,7 +5,7 @@
    stage-wise with per-batch seeds (what the pipeline does); each with timm's original ops
    (posterize fix only) and with dsvit.data.fast_ops.
 2. Each lookup-table RandAugment op alone, timm's vs fast_ops', over the decoded images (us/image).
-3. Tar reading: our reader (pipeline.iter_shard) vs webdataset's tar_file_iterator + group_by_keys.
+3. Tar reading: our reader (dsvit.data.tar_reader.iter_shard) vs webdataset's tar_file_iterator + group_by_keys.
 
     python benchmarks/bench_loader_ablation.py SHARD_DIR [--batches 30] [--rounds 3]
 
@@ -23,6 +23,8 @@ from PIL import Image
 
 from dsvit.config import DataConfig
 from dsvit.data import pipeline as P
+from dsvit.data.stream import RankStream
+from dsvit.data.tar_reader import iter_shard
 from dsvit.data.transforms import fix_posterize, image_stages, seed_rngs
 
 
@@ -77,7 +79,7 @@ def main():
                      shuffle_buffer=1000)
     info = P.read_info(cfg.root)
     td = P.TrainData(cfg, info, img_size=32, rank=0, world_size=1, local_batch=128, seed=0)
-    stream = P._RankStream(td._plan(0, 0), td.transform, None, None, True)
+    stream = RankStream(td._plan(0, 0), td.transform, None, None, True)
     raw = [(uid, s) for uid, _, _, s in itertools.islice(stream._stream({"filtered": 0, "corrupt_skipped": 0}, True),
                                                          128 * args.batches)]
     batches = [raw[i:i + 128] for i in range(0, len(raw), 128)]
@@ -121,7 +123,7 @@ def main():
     urls = td.urls[:10]
 
     def ours():
-        return sum(1 for u in urls for _ in P.iter_shard(u))
+        return sum(1 for u in urls for _ in iter_shard(u))
 
     def webdataset_iter():
         n = 0

@@ -39,3 +39,27 @@ def collect(batches):
     import torch
     xs, ys, ts = zip(*batches)
     return torch.cat(xs), torch.cat(ys), torch.cat(ts)
+
+
+def cut_samples(path, keep: int):
+    """Rewrite the tar ``path`` with only its first ``keep`` samples: cut at a member boundary, the
+    end-of-archive blocks included, as a copy interrupted between samples would look."""
+    import io
+    import tarfile
+    with tarfile.open(path) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers() if m.isfile()]
+    keys = list(dict.fromkeys(m.name.split(".", 1)[0] for m, _ in members))[:keep]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as out:
+        for m, data in members:
+            if m.name.split(".", 1)[0] in keys:
+                out.addfile(m, io.BytesIO(data))
+    with open(path, "wb") as f:
+        f.write(buf.getvalue())
+
+
+def member_offsets(path) -> list:
+    """Byte offsets of the headers of a tar's members, in order."""
+    import tarfile
+    with tarfile.open(path) as tf:
+        return [m.offset for m in tf.getmembers()]

@@ -1,9 +1,11 @@
-"""Shard pipeline: coverage, equal steps, determinism, mid-epoch resume, example filter, eval."""
+"""Shard pipeline: coverage, equal steps, determinism, mid-epoch resume, planned short epochs, example
+filter, eval."""
 import numpy as np
 import pytest
 import torch
 
 from dsvit.data import pipeline as P
+from dsvit.data.stream import RankStream
 from data_helpers import cfg, collect, write_dataset
 
 
@@ -93,14 +95,49 @@ def test_mid_epoch_skip_equals_fresh_tail(even, mode):
 
 
 @pytest.mark.parametrize("mode", ["partitioned", "resampled"])
+def test_planned_short_epoch_is_head_of_full_epoch(even, mode):
+    kw = dict(mode=mode, auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25)
+    full = list(train(even, workers=0, **kw).epoch_batches(3))
+    assert len(full) == 12
+    for n, k, workers in ((5, 0, 0), (5, 2, 2), (7, 7, 1), (1, 0, 2)):
+        part = list(train(even, workers=workers, **kw).epoch_batches(3, skip_batches=k, num_batches=n))
+        assert len(part) == n - k
+        for (x1, y1, u1), (x2, y2, u2) in zip(full[k:n], part):
+            assert torch.equal(x1, x2) and torch.equal(y1, y2) and torch.equal(u1, u2)
+
+
+def test_num_batches_beyond_epoch_or_skip_beyond_num_batches_raises(even):
+    td = train(even, workers=0)
+    with pytest.raises(ValueError, match=r"num_batches=13 .*batches_per_epoch=12"):
+        next(td.epoch_batches(0, num_batches=13))
+    with pytest.raises(ValueError, match=r"skip_batches=6 outside \[0, 5\]"):
+        next(td.epoch_batches(0, skip_batches=6, num_batches=5))
+
+
+def test_batches_for_follows_resampled_rule(even):
+    td = P.TrainData(cfg(even, mode="partitioned"), P.read_info(even), img_size=16, rank=0, world_size=2,
+                     local_batch=4, seed=0, batches_multiple=3)
+    assert td.batches_for(96) == 12 and td.batches_for(95) == 9 and td.batches_for(7) == 0
+    rs = P.TrainData(cfg(even, mode="resampled"), P.read_info(even), img_size=16, rank=0, world_size=2,
+                     local_batch=4, seed=0, batches_multiple=3)
+    keep = np.zeros(96, bool)
+    keep[:61] = True
+    rs.set_keep_set(keep)
+    assert rs.batches_for(61) == rs.batches_per_epoch == 6
+    fixed = P.TrainData(cfg(even, mode="resampled", steps_per_epoch=2), P.read_info(even), img_size=16,
+                        rank=0, world_size=2, local_batch=4, seed=0, batches_multiple=3)
+    assert fixed.batches_for(96) == fixed.batches_for(10) == fixed.batches_per_epoch == 6
+
+
+@pytest.mark.parametrize("mode", ["partitioned", "resampled"])
 def test_keep_set_filters_before_decode(even, monkeypatch, mode):
     decoded = []
-    orig = P._RankStream._decode
+    orig = RankStream._decode
 
     def counting(self, uid, *a):
         decoded.append(uid)
         return orig(self, uid, *a)
-    monkeypatch.setattr(P._RankStream, "_decode", counting)
+    monkeypatch.setattr(RankStream, "_decode", counting)
     td = train(even, mode=mode, workers=0)
     assert td.batches_per_epoch == 12
     keep = np.zeros(96, bool)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from dsvit.data import shards as S
 from dsvit.data.cli import add_shards_parser
-from dsvit.data.pipeline import iter_shard
+from dsvit.data.tar_reader import iter_shard
 
 
 def run(*argv):

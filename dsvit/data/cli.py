@@ -113,7 +113,7 @@ def load_npz_arrays(path: Path, images_key: str, labels_key: str):
     for key in (images_key, labels_key):
         if key not in data.files:
             _fail(f"{path} has no array '{key}' (has {data.files}); pass --images/--labels")
-    images, labels = data[images_key], data[labels_key]
+    images, labels = (_npz_array(data, path, key) for key in (images_key, labels_key))
     if images.dtype != np.uint8:
         _fail(f"'{images_key}' has dtype {images.dtype}; images must be uint8 NHWC (convert with "
               f"(x * 255).round().astype(np.uint8) if they are floats in [0, 1])")
@@ -127,6 +127,20 @@ def load_npz_arrays(path: Path, images_key: str, labels_key: str):
     if labels.min() < 0:
         _fail(f"'{labels_key}' has negative class {labels.min()}")
     return images, labels
+
+
+def _npz_array(data, path: Path, key: str) -> np.ndarray:
+    try:
+        return data[key]
+    except ValueError as e:  # object dtype: loading needs pickle, which we do not allow
+        if "allow_pickle" not in str(e):
+            _fail(f"cannot read array '{key}' of {path} ({e})")
+        _fail(f"array '{key}' in {path} has dtype object (a list of arrays of different sizes, or of "
+              f"Python objects), which is not read (it would need pickle); store '{key}' as one "
+              f"numeric array: images as uint8 NHWC of one size (np.stack(list).astype(np.uint8), "
+              f"resizing first if sizes differ), labels as integers (np.asarray(labels, np.int64))")
+    except Exception as e:  # a damaged member of the zip
+        _fail(f"cannot read array '{key}' of {path} ({type(e).__name__}: {e})")
 
 
 def cmd_npz(args) -> int:

@@ -25,31 +25,43 @@ Resume semantics: ``epoch_batches(epoch, skip_batches=k)`` yields exactly batche
 ``epoch_batches(epoch)`` yields (equal tensors): the stream is rebuilt and its first ``k * local_batch``
 samples are passed over after the shuffle buffer, without decoding. The trainer must call it with the
 same data config, world size, seed and keep set as the interrupted run; batches are counted per rank
-(micro-batches, not optimizer steps).
+(micro-batches, not optimizer steps). ``epoch_batches(epoch, k, num_batches=n)`` (a planned epoch
+shorter than ``batches_per_epoch``) yields batches k..n-1 of that same stream, cut after batch n-1.
 
-Corrupt samples (``cfg.corrupt``): 'raise' errors naming shard and key; 'skip' counts them and fills
-the slot with a copy of another sample of the same batch so shapes stay fixed; a truncated or
-unreadable shard ends that shard (the partitioned stream then starts another pass over its shards
-if it would run short). Evaluation streams the val split (no shuffle, no filter), shards split
-across ranks; every rank yields the same number of batches and padding has ``valid=False``.
+Damaged data (``cfg.corrupt``). Every shard's sample count is checked against ``_info.json`` when
+the stream reaches its end; a shard cut off (at a member boundary or not), empty, or holding garbage
+where a tar header should be is *short*. 'raise' errors naming the shard (and key or byte offset),
+what it holds against the index, and what to do. 'skip' fills a corrupt sample's slot with a copy
+of another sample of the same batch (shapes stay fixed), and reads on past a short shard (the
+partitioned stream starts another pass over the rank's shards if it would run short), so the epoch
+keeps its length; both are counted, in samples and per epoch (``TrainData.counters()``), and a
+short shard is logged by name. Evaluation streams the val split (no shuffle, no filter), shards
+split across ranks; every rank yields the same number of batches and padding has ``valid=False``;
+with 'skip', corrupt val samples are ``valid=False`` too, so the evaluated count shows what is
+missing, and ``EvalData.counters()`` says why.
+
+Modules: this one lists shards and sizes epochs (``TrainData``, ``EvalData``); ``dsvit.data.stream``
+is the stream itself (``StreamPlan``, ``RankStream``); ``dsvit.data.tar_reader`` reads the tars.
 """
 from __future__ import annotations
 
-import io
-import itertools
 import json
+import logging
 import math
 import os
+from pathlib import Path
+from typing import Optional
 
 import numpy as np
-import torch
-from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
-from dsvit.data.shards import IMAGE_EXTS, INFO_NAME
-from dsvit.data.transforms import (BatchNormalize, build_eraser, build_eval_transform,
-                                   build_train_transform, image_stages, seed_rngs,
-                                   stack_images)
+from dsvit.data.shards import INFO_NAME, check_info
+from dsvit.data.stream import STREAM_COUNTERS, RankStream, StreamPlan
+from dsvit.data.transforms import BatchNormalize, build_eraser, build_eval_transform, build_train_transform
+
+log = logging.getLogger("dsvit.data")
+TRAIN_COUNTERS = ("corrupt_skipped",) + STREAM_COUNTERS
+EVAL_COUNTERS = ("corrupt_skipped", "short_shards", "short_shard_missing", "samples_listed", "samples_evaluated")
 
 
 def read_info(root: str) -> dict:
@@ -67,8 +79,7 @@ def read_info(root: str) -> dict:
                                 f"`dsvit shards` (or 'synthetic')") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); rewrite the dataset with `dsvit shards ... --overwrite`") from None
-    if not isinstance(info, dict) or "splits" not in info:
-        raise ValueError(f"{path} has no 'splits'; it is not a dsvit/timm shard _info.json")
+    check_info(info, path)
     info["root"] = root   # shard file names in _info.json are relative to it
     return info
 
@@ -115,214 +126,6 @@ def _balance(weights: np.ndarray, n_bins: int) -> list[list[int]]:
     return [sorted(b) for b in bins]
 
 
-def _tar_members(stream, url: str):
-    """Yield (name, bytes) of regular files in a tar stream. A minimal ustar/pax/GNU reader, used
-    instead of webdataset's ``tar_file_iterator`` + ``group_by_keys`` (tarfile-based): 9-15 vs 80-121
-    us per CIFAR-10 sample (benchmarks/bench_loader_ablation.py), and every loader worker reads its rank's whole stream, so that would cost
-    more than the JPEG decode. Raises EOFError if cut off."""
-    long_name = None
-    while True:
-        header = stream.read(512)
-        if len(header) < 512 or not header.strip(b"\0"):
-            if header and header.strip(b"\0"):
-                raise EOFError(f"{url}: truncated tar header")
-            return
-        size_field = header[124:136].strip(b"\0 ")
-        size = int(size_field, 8) if size_field else 0
-        kind = header[156:157]
-        data = stream.read(size)
-        if len(data) < size:
-            raise EOFError(f"{url}: truncated member ({len(data)}/{size} bytes)")
-        pad = -size % 512
-        if pad and len(stream.read(pad)) < pad:
-            raise EOFError(f"{url}: truncated padding")
-        if kind == b"x":      # pax extended header: may carry a long path
-            for rec in data.decode("utf-8", "replace").split("\n"):
-                if " path=" in rec:
-                    long_name = rec.split(" path=", 1)[1]
-            continue
-        if kind == b"L":      # GNU long name
-            long_name = data.rstrip(b"\0").decode()
-            continue
-        if kind not in (b"0", b"\0", b"7"):
-            long_name = None
-            continue
-        name = long_name or (header[345:500].rstrip(b"\0").decode() + "/" if header[345] else "") + \
-            header[0:100].rstrip(b"\0").decode()
-        long_name = None
-        yield name, data
-
-
-def iter_shard(url: str):
-    """Yield (key, {ext: bytes}) from one tar shard, members grouped by key (webdataset rules)."""
-    import webdataset as wds
-    with wds.gopen(url) as stream:
-        key, sample = None, {}
-        for name, data in _tar_members(stream, url):
-            d, base = os.path.split(name)
-            k, _, ext = base.partition(".")
-            k = f"{d}/{k}" if d else k
-            if k != key and sample:
-                yield key, sample
-                sample = {}
-            key = k
-            sample[ext.lower()] = data
-        if sample:
-            yield key, sample
-
-
-class _RankStream(IterableDataset):
-    """One rank's epoch: yields (images, labels, uids_or_valid, stats) batches for this worker."""
-
-    def __init__(self, plan: dict, transform, normalize, eraser, train: bool):
-        self.plan, self.normalize, self.eraser, self.train = plan, normalize, eraser, train
-        self.stages = image_stages(transform)
-
-    def _passes(self):
-        """Shard sequences, one per pass over the data; each pass is shuffled on its own."""
-        p = self.plan
-        if p["mode"] == "resampled":  # one endless pass
-            rng = np.random.default_rng([p["seed"], p["epoch"], p["rank"], 7])
-            prob = p["active"] / p["active"].sum()
-            yield (int(i) for _ in itertools.count() for i in rng.choice(len(p["urls"]), size=64, p=prob))
-            return
-        for pas in range(1 << 30):  # a partitioned training stream only repeats if shards were unreadable
-            order = list(p["shards"])
-            if p["shuffle"]:
-                order = [int(i) for i in np.random.default_rng([p["seed"], p["epoch"], p["rank"], pas]).permutation(order)]
-            yield order
-            if not self.train:
-                return
-
-    def _samples(self, shards, stats, report: bool):
-        """Undecoded (uid, url, key, sample), filtered by keep before anything else."""
-        p, keep = self.plan, self.plan["keep"]
-        for i in shards:
-            url = p["urls"][i]
-            try:
-                for key, sample in iter_shard(url):
-                    try:
-                        uid = int(key.rsplit("/", 1)[-1])
-                    except ValueError:
-                        raise ValueError(f"{url}: key '{key}' is not an integer uid; write shards with `dsvit shards`") from None
-                    if keep is not None and not keep[uid]:
-                        stats["filtered"] += report
-                        continue
-                    yield uid, url, key, sample
-            except FileNotFoundError as e:
-                raise FileNotFoundError(f"shard {url} is missing: {e}") from e
-            except (EOFError, OSError) as e:
-                if p["corrupt"] == "raise":
-                    raise RuntimeError(f"shard {url} is truncated or unreadable: {e}") from e
-                stats["corrupt_skipped"] += report
-
-    def _stream(self, stats, report: bool):
-        for pas, shards in enumerate(self._passes()):
-            n = 0
-            for item in self._shuffled(self._samples(shards, stats, report), pas):
-                n += 1
-                yield item
-            if n == 0 and self.train:
-                raise RuntimeError(f"rank {self.plan['rank']}: no readable samples in its shards")
-
-    def _shuffled(self, it, pas: int):
-        size, p = self.plan["shuffle_buffer"], self.plan
-        if not (self.train and size > 1):
-            yield from it
-            return
-        rng = np.random.default_rng([p["seed"], p["epoch"], p["rank"], 11, pas])
-        buf = []
-        for item in it:
-            if len(buf) < size:
-                buf.append(item)
-                continue
-            j = int(rng.integers(size))
-            buf[j], item = item, buf[j]
-            yield item
-        for j in rng.permutation(len(buf)):
-            yield buf[j]
-
-    def _decode(self, uid, url, key, sample, stats):
-        """Bytes -> (RGB PIL image, label); None for a corrupt sample in skip mode."""
-        ext = next((e for e in sample if e in IMAGE_EXTS), None)
-        try:
-            if ext is None:
-                raise ValueError(f"no image member (has {sorted(sample)})")
-            with Image.open(io.BytesIO(sample[ext])) as im:
-                img = im.convert("RGB")
-            return img, int(sample["cls"])
-        except Exception as e:  # corrupt bytes, bad label
-            if self.plan["corrupt"] == "raise":
-                raise RuntimeError(f"corrupt sample: shard {url} key {key}: {type(e).__name__}: {e}") from e
-            stats["corrupt_skipped"] += 1
-            return None
-
-    def _batch(self, raw, g, stats):
-        """Decode, augment and collate batch ``g`` from its undecoded (uid, url, key, sample)s.
-
-        Each stage runs over the whole batch before the next (decode all, crop all, ...): on small
-        images, where Python and Pillow call overhead dominate, that is 1.4-1.6x faster than running
-        the whole transform per image (benchmarks/bench_loader_ablation.py). Training RNGs are seeded per
-        (seed, epoch, rank, batch, stage), so the batch does not depend on the loader's worker count."""
-        items = [self._decode(uid, url, key, sample, stats) for uid, url, key, sample in raw]
-        uids = [r[0] for r in raw]
-        good = [i for i, it in enumerate(items) if it is not None]
-        if not good:
-            raise RuntimeError(f"every sample of a batch is corrupt (uids {uids[:8]}...); check the shards with `dsvit shards verify`")
-        for n, i in enumerate([i for i, it in enumerate(items) if it is None]):
-            items[i], uids[i] = items[good[n % len(good)]], uids[good[n % len(good)]]
-        p = self.plan
-        imgs = [img for img, _ in items]
-        for k, stage in enumerate(self.stages):
-            if self.train:
-                seed_rngs(p["seed"], p["epoch"], p["rank"], g, k)
-            imgs = [stage(x) for x in imgs]
-        images = self.normalize(stack_images(imgs))
-        if self.eraser is not None:
-            seed_rngs(p["seed"], p["epoch"], p["rank"], g, len(self.stages))
-            self.eraser(images)  # per sample, in place
-        return images, torch.tensor([y for _, y in items], dtype=torch.long), uids
-
-    def _emit(self, images, labels, third, stats):
-        out = (images, labels, third, dict(stats))
-        stats.update(corrupt_skipped=0, filtered=0)
-        return out
-
-    def __iter__(self):
-        p = self.plan
-        info = get_worker_info()
-        w, nw = (info.id, info.num_workers) if info else (0, 1)
-        b, n_batches, skip = p["batch"], p["n_batches"], p["skip"]
-        stats = {"corrupt_skipped": 0, "filtered": 0}
-        raw, n = [], 0
-        for item in self._stream(stats, w == 0):
-            g, n = n // b, n + 1
-            if g >= n_batches:
-                return
-            if g < skip or (g - skip) % nw != w:
-                continue
-            raw.append(item)
-            if len(raw) == b:
-                images, labels, uids = self._batch(raw, g, stats)
-                third = torch.tensor(uids, dtype=torch.long) if self.train else torch.ones(b, dtype=torch.bool)
-                yield self._emit(images, labels, third, stats)
-                raw = []
-        if self.train:
-            raise RuntimeError(f"rank {p['rank']}: training stream ended after {n} samples")
-        # eval: pad this worker's partial batch, then emit its fully padded batches
-        for g in range(n // b, n_batches):
-            if (g - skip) % nw != w:
-                continue
-            size, m = p["img_size"], len(raw)
-            images = torch.zeros(b, 3, size, size)
-            labels = torch.zeros(b, dtype=torch.long)
-            if raw:
-                images[:m], labels[:m], _ = self._batch(raw, g, stats)
-            valid = torch.arange(b) < m
-            yield self._emit(images, labels, valid, stats)
-            raw = []
-
-
 def _loader(ds, workers: int):
     return DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=False,
                       prefetch_factor=4 if workers > 0 else None)
@@ -342,7 +145,7 @@ class TrainData:
                 f"{max(1, self.num_samples // (world_size * 4))}` (4 shards per rank) or use data.mode=resampled")
         self.transform = build_train_transform(cfg, img_size)
         self.normalize, self.eraser = BatchNormalize(cfg.mean, cfg.std), build_eraser(cfg)
-        self._counters = {"corrupt_skipped": 0, "filtered": 0}
+        self._counters = dict.fromkeys(TRAIN_COUNTERS, 0)
         self.set_keep_set(None)
 
     def set_keep_set(self, keep):
@@ -364,55 +167,138 @@ class TrainData:
                 n = min(n, self.cfg.steps_per_epoch * m)
             where = f"the smallest rank's share ({per_rank} samples)"
         else:
-            n = self.cfg.steps_per_epoch * m if self.cfg.steps_per_epoch > 0 else \
-                int(active.sum()) // (self.batch * self.world)
+            n = self._resampled_batches(int(active.sum()))
             where = f"{int(active.sum())} active samples / ({self.batch} x {self.world} ranks)"
         self.batches_per_epoch = n // m * m
         if self.batches_per_epoch < 1:
             raise ValueError(f"not enough training data for one step: {where} gives {n} batches, need a "
                              f"multiple of {m}; lower train.batch_size or use more data")
 
-    def _plan(self, epoch: int, skip: int) -> dict:
-        return {"mode": self.cfg.mode, "urls": self.urls, "active": self.active, "keep": self.keep,
-                "shards": self.assign[self.rank] if self.cfg.mode == "partitioned" else None,
-                "shuffle": True, "seed": self.seed, "epoch": epoch, "rank": self.rank,
-                "batch": self.batch, "n_batches": self.batches_per_epoch, "skip": skip,
-                "shuffle_buffer": self.cfg.shuffle_buffer, "corrupt": self.cfg.corrupt,
-                "img_size": self.img_size}
+    def _resampled_batches(self, active_samples: int) -> int:
+        """Batches per rank in resampled mode, before rounding down to the multiple."""
+        if self.cfg.steps_per_epoch > 0:
+            return self.cfg.steps_per_epoch * self.multiple
+        return active_samples // (self.batch * self.world)
 
-    def epoch_batches(self, epoch: int, skip_batches: int = 0):
-        if not 0 <= skip_batches <= self.batches_per_epoch:
-            raise ValueError(f"skip_batches={skip_batches} outside [0, {self.batches_per_epoch}]")
-        ds = _RankStream(self._plan(epoch, skip_batches), self.transform, self.normalize, self.eraser, True)
+    def batches_for(self, active_samples: int) -> int:
+        """Micro-batches per rank of an epoch of ``active_samples`` samples, by the resampled-mode
+        rule (in either mode): what a data plugin's epoch plan turns into."""
+        return self._resampled_batches(active_samples) // self.multiple * self.multiple
+
+    def _plan(self, epoch: int, skip_batches: int, num_batches: Optional[int] = None) -> StreamPlan:
+        partitioned = self.cfg.mode == "partitioned"
+        return StreamPlan(
+            mode=self.cfg.mode, urls=self.urls, active=self.active, keep=self.keep,
+            shards=self.assign[self.rank] if partitioned else None, shuffle=True, seed=self.seed,
+            epoch=epoch, rank=self.rank, local_batch=self.batch,
+            num_batches=self.batches_per_epoch if num_batches is None else num_batches,
+            skip_batches=skip_batches, shuffle_buffer=self.cfg.shuffle_buffer,
+            corrupt=self.cfg.corrupt, img_size=self.img_size, lengths=self.lengths)
+
+    def epoch_batches(self, epoch: int, skip_batches: int = 0, num_batches: Optional[int] = None):
+        """Batches skip_batches..num_batches-1 of the epoch (default: all batches_per_epoch). A
+        shorter epoch is the head of the full one: the stream is the same, only cut earlier."""
+        if num_batches is None:
+            num_batches = self.batches_per_epoch
+        elif not 0 <= num_batches <= self.batches_per_epoch:
+            raise ValueError(f"num_batches={num_batches} must be in [0, batches_per_epoch="
+                             f"{self.batches_per_epoch}] (this epoch's batches per rank with the current keep set)")
+        if not 0 <= skip_batches <= num_batches:
+            raise ValueError(f"skip_batches={skip_batches} outside [0, {num_batches}]")
+        self._counters = dict.fromkeys(TRAIN_COUNTERS, 0)   # per epoch
+        ds = RankStream(self._plan(epoch, skip_batches, num_batches), self.transform, self.normalize,
+                        self.eraser, True)
         count = 0
         for images, labels, uids, stats in _loader(ds, self.cfg.workers):
+            for url, got, listed, why in stats.pop("short", ()):
+                log.warning("epoch %d rank %d: shard %s delivered %d of the %d samples %s lists (%s); the "
+                            "epoch is filled from the other shards (counted as short_shard_missing). "
+                            "Re-create it (`dsvit shards verify %s` lists the damaged shards)",
+                            epoch, self.rank, url, got, listed, INFO_NAME, why, os.path.dirname(url) or ".")
             for k, v in stats.items():
                 self._counters[k] += v
             count += 1
             yield images, labels, uids
-        assert count == self.batches_per_epoch - skip_batches, (count, self.batches_per_epoch, skip_batches)
+        assert count == num_batches - skip_batches, (count, num_batches, skip_batches)
 
     def counters(self) -> dict:
+        """This rank's counts for the epoch being read (reset when ``epoch_batches`` starts), in
+        samples: corrupt_skipped (did not decode; their slots got copies of other samples of the
+        batch), filtered (passed over by the keep set), short_shards / short_shard_missing (shards
+        holding fewer samples than _info.json lists, each once per epoch, and the samples they lack;
+        the stream reads on to keep the epoch's length). Stream counts (all but corrupt_skipped)
+        cover the whole epoch after a mid-epoch resume too; corrupt_skipped only the decoded batches."""
         return dict(self._counters)
 
 
 class EvalData:
     def __init__(self, cfg, info: dict, *, img_size: int, rank: int, world_size: int, local_batch: int):
         self.cfg, self.rank, self.batch, self.img_size = cfg, rank, local_batch, img_size
-        self.urls, lengths, _ = _split_shards(cfg, info, cfg.val_split)
-        self.assign = _balance(lengths, world_size)
-        most = max(int(lengths[s].sum()) for s in self.assign)
+        self.urls, self.lengths, _ = _split_shards(cfg, info, cfg.val_split)
+        self.assign = _balance(self.lengths, world_size)
+        most = max(int(self.lengths[s].sum()) for s in self.assign)
         self.num_batches = math.ceil(most / local_batch)
-        self.num_samples = int(lengths.sum())
+        self.num_samples = int(self.lengths.sum())
         self.transform = build_eval_transform(cfg, img_size)
         self.normalize = BatchNormalize(cfg.mean, cfg.std)
+        self._counters = dict.fromkeys(EVAL_COUNTERS, 0)
 
     def batches(self):
-        plan = {"mode": "partitioned", "urls": self.urls, "keep": None, "shards": self.assign[self.rank],
-                "shuffle": False, "seed": 0, "epoch": 0, "rank": self.rank, "batch": self.batch,
-                "n_batches": self.num_batches, "skip": 0, "shuffle_buffer": 0, "corrupt": self.cfg.corrupt,
-                "img_size": self.img_size}
-        ds = _RankStream(plan, self.transform, self.normalize, None, False)
+        """This rank's val batches (images, labels, valid). Samples that are missing (short shards)
+        or corrupt (``data.corrupt=skip``) are not evaluated: a corrupt one is a valid=False slot.
+        Each pass resets ``counters()``; a shortfall is logged as a warning at the end."""
+        listed = int(self.lengths[self.assign[self.rank]].sum())
+        self._counters = dict.fromkeys(EVAL_COUNTERS, 0)
+        self._counters["samples_listed"] = listed
+        plan = StreamPlan(mode="partitioned", urls=self.urls, keep=None, shards=self.assign[self.rank],
+                          shuffle=False, seed=0, epoch=0, rank=self.rank, local_batch=self.batch,
+                          num_batches=self.num_batches, skip_batches=0, shuffle_buffer=0,
+                          corrupt=self.cfg.corrupt, img_size=self.img_size, lengths=self.lengths)
+        ds = RankStream(plan, self.transform, self.normalize, None, False)
         workers = min(self.cfg.workers, self.num_batches)
-        for images, labels, valid, _ in _loader(ds, workers):
+        short = []
+        for images, labels, valid, stats in _loader(ds, workers):
+            short += stats.pop("short", ())
+            for k, v in stats.items():
+                if k in self._counters:   # not 'filtered': no keep set here
+                    self._counters[k] += v
+            self._counters["samples_evaluated"] += int(valid.sum())
             yield images, labels, valid
+        c = self._counters
+        if c["samples_evaluated"] < listed:
+            why = [f"shard {u} holds {g} of {n} ({w})" for u, g, n, w in short]
+            why += [f"{c['corrupt_skipped']} corrupt samples left out"] if c["corrupt_skipped"] else []
+            log.warning("val rank %d: evaluated %d of the %d samples %s lists for its shards: %s. "
+                        "Re-create the damaged shards (`dsvit shards verify %s` lists them)",
+                        self.rank, c["samples_evaluated"], listed, INFO_NAME, "; ".join(why),
+                        os.path.dirname(self.urls[0]) or ".")
+
+    def counters(self) -> dict:
+        """This rank's counts for the last ``batches()`` pass, in samples: corrupt_skipped (did not
+        decode; left out, valid=False), short_shards / short_shard_missing (val shards holding fewer
+        samples than _info.json lists, and the samples they lack), samples_listed (what _info.json
+        lists for this rank's shards) and samples_evaluated (valid samples yielded). Sum over ranks
+        (``dsvit.engine.meter.log_data_counters`` does) to compare with evaluate_model's "samples"."""
+        return dict(self._counters)
+
+
+def stream_data(cfg, world, run_dir) -> tuple:
+    """(TrainData, EvalData, number of classes) of a run; ``data.root=synthetic`` makes the
+    embedded dataset under ``run_dir/data`` first (rank 0 writes, the others wait)."""
+    import torch.distributed as dist
+    d = cfg.data
+    root = d.root
+    if root == "synthetic":
+        from dsvit.data.synthetic import ensure_synthetic
+        root = str(Path(run_dir) / "data")
+        if world.rank == 0:
+            ensure_synthetic(root, d.synthetic_train, d.synthetic_val, seed=0)
+        if dist.is_initialized():
+            dist.barrier()
+    info = read_info(root)
+    common = dict(img_size=cfg.model.img_size, rank=world.rank, world_size=world.world_size)
+    t = cfg.train
+    train = TrainData(d, info, local_batch=t.batch_size // (world.world_size * t.grad_accum),
+                      seed=cfg.run.seed, batches_multiple=t.grad_accum, **common)
+    ev = EvalData(d, info, local_batch=t.eval_batch_size // world.world_size, **common)
+    return train, ev, num_classes(info)

@@ -53,6 +53,30 @@ def load_info(out_dir) -> dict | None:
         raise ShardError(f"{path} is not valid JSON ({e}); rewrite the dataset with --overwrite") from None
 
 
+SPLIT_KEYS = ("num_samples", "filenames", "shard_lengths")
+
+
+def check_info(info, path, sums: bool = True) -> dict:
+    """``info`` if it has what the pipeline reads, else ShardError naming ``path``, the key and the fix.
+    sums: also require sum(shard_lengths) == num_samples (``verify_dataset`` reports that itself)."""
+    fix = "re-create the dataset with `dsvit shards imagefolder|npz ... --overwrite`"
+    if not isinstance(info, dict) or not isinstance(info.get("splits"), dict):
+        raise ShardError(f"{path} has no 'splits'; it is not a dsvit/timm shard {INFO_NAME}: {fix}")
+    if not info.get("num_classes") and "class_names" not in info:
+        raise ShardError(f"{path} has neither 'num_classes' nor 'class_names': {fix}")
+    for name, s in info["splits"].items():
+        missing = [k for k in SPLIT_KEYS if not isinstance(s, dict) or k not in s]
+        if missing:
+            raise ShardError(f"{path}: split '{name}' has no '{missing[0]}' (needs {', '.join(SPLIT_KEYS)}): "
+                             f"the index is incomplete; {fix} (`dsvit shards verify` checks a dataset)")
+        files, lengths = s["filenames"], s["shard_lengths"]
+        if len(files) != len(lengths) or (sums and sum(lengths) != s["num_samples"]):
+            raise ShardError(f"{path}: split '{name}' lists {len(files)} filenames, {len(lengths)} "
+                             f"shard_lengths summing to {sum(lengths)} and num_samples={s['num_samples']}; "
+                             f"they must agree: {fix}")
+    return info
+
+
 def save_info(out_dir, info: dict) -> None:
     path = Path(out_dir) / INFO_NAME
     tmp = path.with_suffix(".json.tmp")
@@ -260,6 +284,10 @@ def verify_dataset(out_dir, progress: bool = True) -> tuple[list[str], dict]:
     info = load_info(out)
     if info is None:
         return [f"{out / INFO_NAME} missing: not a dsvit shard folder (write one with `dsvit shards`)"], {}
+    try:
+        check_info(info, out / INFO_NAME, sums=False)
+    except ShardError as e:
+        return [str(e)], {}
     problems, stats = [], {}
     ncls = info.get("num_classes", len(info.get("class_names", [])))
     for split, sinfo in info["splits"].items():
