@@ -6,9 +6,9 @@
 Both variants live in one process (two DeepSpeed engines, ZeRO 0, fp32, world of one) and train the
 same timm ViT (identical initial weights) on the same pre-made batches:
 
-- dsvit:   ``Trainer._batch`` + ``Trainer.train_micro_batch`` + what ``fit()`` does per step after
-           the data iterator (loss accumulation, step counters, ``lr_schedule.step_update``,
-           ``after_step`` dispatch, logging at ``log.every_steps``), no plugins;
+- dsvit:   ``Trainer.train_step`` (events, micro-batch, loss accumulation, step counters,
+           ``lr_schedule.step_update``, EMA) and ``Trainer.log_interval`` at ``log.every_steps``,
+           exactly what ``fit()`` calls per step, no plugins;
 - minimal: ``engine(images)``, ``F.cross_entropy(..., label_smoothing)``, ``engine.backward``,
            ``engine.step`` on a vanilla timm model.
 
@@ -52,7 +52,7 @@ def build(args):
     train = MemoryTrainData(images, labels, rank=0, world_size=1, local_batch=args.batch)
     ev = MemoryEvalData(images[:args.batch], labels[:args.batch], rank=0, world_size=1,
                         local_batch=args.batch)
-    trainer = Trainer(cfg, world, train_data=train, eval_data=ev, num_classes=100)
+    trainer = Trainer(cfg, world, [], train_data=train, eval_data=ev, num_classes=100)
 
     # The minimal loop: same architecture and initial weights (Trainer seeds with run.seed before
     # building), a vanilla timm model (no token stage), same optimizer factory, same DS config.
@@ -74,42 +74,23 @@ def build(args):
 
 
 class DsvitStepper:
-    """Everything fit() does per optimizer step, minus fetching the batch from the data iterator."""
+    """Everything fit() does per optimizer step (``Trainer.train_step`` plus the logging interval),
+    minus fetching the batch from the data iterator."""
 
     def __init__(self, trainer):
         self.tr = trainer
         tr, s = trainer, trainer.state
-        tr.mixup = tr._make_mixup()
         tr.lr_schedule.step_update(s.step)
         tr.engine.train()
         s.training = True
         tr.plugins.fire("fit_start", s)
-        self.loss_sum = torch.zeros((), device=tr.device)
-        self.loss_count = 0
-        self.tokens = 0.0
-        self.t_last = time.perf_counter()
+        tr.meter.reset(s.step)
 
     def step(self, batch):
-        tr, s, cfg = self.tr, self.tr.state, self.tr.cfg
-        images, labels, uids = batch
-        self.loss_sum += tr.train_micro_batch(tr._batch(images, labels, uids))
-        self.loss_count += 1
-        self.tokens += tr.stage.mean_block_tokens
-        s.step += 1
-        s.step_in_epoch += 1
-        tr.lr_schedule.step_update(s.step)
-        tr.plugins.fire("after_step", s)
-        if s.step % cfg.log.every_steps == 0:       # fit()'s logging interval (host sync here)
-            dt = time.perf_counter() - self.t_last
-            lg = tr.logger
-            lg.scalar("train/loss", self.loss_sum.item() / self.loss_count)
-            lg.scalar("train/lr", tr.optimizer.param_groups[0]["lr"])
-            lg.scalar("train/step_time_s", dt / cfg.log.every_steps)
-            lg.scalar("train/tokens_per_image", self.tokens / self.loss_count)
-            lg.flush(s.step)
-            self.loss_sum.zero_()
-            self.loss_count, self.tokens = 0, 0.0
-            self.t_last = time.perf_counter()
+        tr = self.tr
+        tr.train_step(lambda: batch)
+        if tr.state.step % tr.cfg.log.every_steps == 0:       # fit()'s logging interval (host sync)
+            tr.log_interval()
 
 
 class MinimalStepper:

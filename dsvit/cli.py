@@ -12,6 +12,7 @@ here once and passed down.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import socket
 import sys
@@ -26,7 +27,7 @@ def _epilog() -> str:
 
 
 def _world_from_env(args):
-    from dsvit.engine.trainer import World
+    from dsvit.engine.setup import World
     if "WORLD_SIZE" not in os.environ:   # plain `dsvit train`: a world of one
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -69,24 +70,47 @@ def cmd_train(args) -> int:
     world = _init_distributed(args)
     C.validate(cfg, world.world_size)
     from dsvit.engine.trainer import Trainer
+    from dsvit.registry import build_plugins
     run_dir = Path(cfg.run.dir)
-    trainer = Trainer(cfg, world)
+    trainer = Trainer(cfg, world, build_plugins(cfg.plugins))
     metrics = trainer.fit()
     if world.rank == 0:
-        latest = (run_dir / "checkpoints" / "latest").read_text().strip()
         print(f"\nfinal top-1 {metrics.get('top1', float('nan')):.2f}%  top-5 "
               f"{metrics.get('top5', float('nan')):.2f}%  (best {trainer.best_top1:.2f}%)")
         print(f"TensorBoard logs: {run_dir / 'tb'}")
-        print(f"checkpoint:       {run_dir / 'checkpoints' / latest}")
+        print(f"checkpoint:       {trainer.last_checkpoint}")
         print(f"view:             tensorboard --logdir {run_dir / 'tb'}")
     return 0
 
 
+def _eval_options():
+    """(plugin name, config key, flag, help) of every evaluation option plugins declare."""
+    from dsvit.registry import plugin_registry
+    return [(name, key, flag, text) for name, cls in sorted(plugin_registry().items())
+            for flag, key, text in cls.eval_options]
+
+
 def cmd_eval(args) -> int:
     from dsvit.engine.eval_run import run_eval
+    from dsvit.registry import build_plugins
+    given = [(name, key, flag, getattr(args, _dest(name, key)))
+             for name, key, flag, _ in _eval_options() if getattr(args, _dest(name, key))]
+    if len(given) > 1:
+        raise C.ConfigError(f"sweep one evaluation option at a time, got {[g[2] for g in given]}")
+    sweep = ()
+    if given:
+        name, key, flag, text = given[0]
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        if not values:
+            raise C.ConfigError(f"{flag} needs one value or a comma-separated list, got {text!r}")
+        sweep = (name, key, flag, values)
     world = _init_distributed(args)
-    return run_eval(Path(args.run_dir), args.overrides, world, tag=args.tag, ema=args.ema,
-                    keep_rates=args.keep_rate)
+    return run_eval(Path(args.run_dir), args.overrides, world, build_plugins, tag=args.tag,
+                    ema=args.ema, sweep=sweep)
+
+
+def _dest(plugin: str, key: str) -> str:
+    return f"eval_{plugin}_{key}"
 
 
 def cmd_export(args) -> int:
@@ -94,6 +118,8 @@ def cmd_export(args) -> int:
     tag_dir = resolve_tag(Path(args.run_dir), args.tag)
     out = export_safetensors(tag_dir, Path(args.out), ema=args.ema)
     cfg = C.from_dict(__import__("yaml").safe_load((Path(args.run_dir) / "config.yaml").read_text()))
+    from dsvit.engine.checkpoint import read_marker
+    cfg.model = dataclasses.replace(cfg.model, **read_marker(tag_dir).get("architecture", {}))
     print(f"wrote {out} from {tag_dir}{' (EMA)' if args.ema else ''}\nload it with: "
           f"timm.create_model('{cfg.model.name}', pretrained=True, "
           f"pretrained_cfg_overlay=dict(file='{out}', num_classes={cfg.model.num_classes}), "
@@ -125,8 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--tag", default="", help="checkpoint tag (default: latest complete)")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
-    p.add_argument("--keep-rate", default="", help="patch keep rate(s) for dynamic inference, "
-                   "e.g. 0.5 or a sweep 1.0,0.8,0.6,0.4")
+    for name, key, flag, text in _eval_options():   # declared by the plugins (e.g. --keep-rate)
+        p.add_argument(flag, dest=_dest(name, key), default="",
+                       help=f"{text} (plugin {name}; a comma-separated list sweeps)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="section.key=value (e.g. data.root=...)")
     p.set_defaults(func=cmd_eval)
@@ -160,6 +187,11 @@ def main(argv=None) -> int:
     except C.ConfigError as e:
         print(f"dsvit: config error: {e}", file=sys.stderr)
         return 2
+    except (FileNotFoundError, ValueError) as e:
+        if args.command not in ("eval", "export"):
+            raise
+        print(f"dsvit {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Configuration flows one way: ``load_config`` builds a :class:`Config` once at start, ``validate``
 checks it (errors name the key and say what to change), and components receive their own section.
-Plugin sections are declared by the plugins themselves (``dsvit.plugins.REGISTRY``) so this module
+Plugin sections are declared by the plugins themselves (``dsvit.registry``) so this module
 names no plugin.
 """
 from __future__ import annotations
@@ -10,19 +10,18 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, get_args, get_origin, get_type_hints
 
 import yaml
 
+from dsvit.errors import ConfigError  # noqa: F401  (re-exported: C.ConfigError)
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 RECIPE_DIR = PACKAGE_DIR / "recipes"
 DS_CONFIG_DIR = PACKAGE_DIR.parent / "ds_configs"
-
-
-class ConfigError(ValueError):
-    """A configuration mistake; the message says which key and what to do."""
 
 
 @dataclass
@@ -33,6 +32,7 @@ class RunConfig:
     precision: str = "auto"          # auto (as the DeepSpeed JSON says) | fp32 | bf16 | fp16
     zero_stage: int = -1             # -1: as the DeepSpeed JSON says; else override 0..3
     max_steps: int = -1              # stop after this many optimizer steps (-1: train.epochs)
+    overwrite: bool = False          # a fresh run in a folder holding another run moves it aside
 
 
 @dataclass
@@ -194,8 +194,8 @@ def _set_fields(obj: Any, values: dict, where: str) -> None:
 
 
 def _plugin_registry() -> dict:
-    from dsvit.plugins import REGISTRY
-    return REGISTRY
+    from dsvit.registry import plugin_registry
+    return plugin_registry()
 
 
 def _set_plugin(cfg: Config, name: str, values: dict) -> None:
@@ -247,8 +247,17 @@ def _apply_recipe(cfg: Config, name_or_path: str, seen: tuple = ()) -> None:
     path = recipe_path(name_or_path)
     if path in seen:
         raise ConfigError(f"recipe {path} names itself as a base (via {' -> '.join(map(str, seen))})")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise ConfigError(f"recipe {path} is not valid YAML{line}: "
+                          f"{getattr(e, 'problem', None) or e}; fix the file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of sections (run:, model:, ...), got "
+                          f"{type(data).__name__}")
     base = data.pop("base", None)
     if base:
         _apply_recipe(cfg, base, seen + (path,))
@@ -310,13 +319,13 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                 "train.grad_accum": t.grad_accum, "train.eval_batch_size": t.eval_batch_size,
                 "model.img_size": cfg.model.img_size, "log.every_steps": cfg.log.every_steps}
     for key, v in positive.items():
-        if not v > 0:
-            raise ConfigError(f"{key} must be > 0, got {v}")
+        if not 0 < v < math.inf:
+            raise ConfigError(f"{key} must be a finite number > 0, got {v}")
     for key, v in {"train.min_lr": t.min_lr, "train.warmup_lr": t.warmup_lr,
                    "train.weight_decay": t.weight_decay, "train.warmup_epochs": t.warmup_epochs,
                    "train.clip_grad": t.clip_grad, "model.drop_path_rate": cfg.model.drop_path_rate}.items():
-        if v < 0:
-            raise ConfigError(f"{key} must be >= 0, got {v}")
+        if not 0 <= v < math.inf:
+            raise ConfigError(f"{key} must be a finite number >= 0, got {v}")
     if not 0 <= t.label_smoothing < 1:
         raise ConfigError(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
     if not 0 <= t.ema_decay < 1:

@@ -22,11 +22,18 @@ def vanilla_vit(seed=0):
 
 
 def start_plugin(plugin, model, stage, cfg=None, **state_kw):
-    """Fire fit_start and before_forward as the trainer would; returns (plugin, state)."""
+    """Fire fit_start, step_start and before_forward as the trainer would; returns (plugin, state)."""
     state = State(cfg=cfg or Config(), rank=state_kw.pop("rank", 0), world_size=1, model=model,
                   token_stage=stage, **state_kw)
     plugin.on_fit_start(state)
-    plugin.on_before_forward(state)
+    next_step(plugin, state)
+    return plugin, state
+
+
+def next_step(plugin, state):
+    """The events of a new optimizer step at ``state.step``."""
+    for event in ("step_start", "before_forward"):
+        getattr(plugin, f"on_{event}", lambda s: None)(state)
     return plugin, state
 
 

@@ -28,7 +28,7 @@ def test_unknown_key_names_key_and_valid_keys():
 
 
 def test_bad_values_say_what_to_change():
-    with pytest.raises(C.ConfigError, match=r"train.lr must be > 0, got -0.1"):
+    with pytest.raises(C.ConfigError, match=r"train.lr must be a finite number > 0, got -0.1"):
         C.validate(C.load_config("default", ["train.lr=-0.1"]))
     with pytest.raises(C.ConfigError, match=r"not divisible by world size 3.*multiple of 3"):
         C.validate(C.load_config("default", ["train.batch_size=128"]), world_size=3)
@@ -72,3 +72,13 @@ def test_recipe_base_inheritance(tmp_path):
     loop.write_text(f"base: {loop}\n")
     with pytest.raises(C.ConfigError, match="names itself as a base"):
         C.load_config(str(loop))
+
+
+def test_infinite_lr_and_broken_yaml_are_config_errors(tmp_path):
+    cfg = C.load_config("tiny_test", ["train.lr=inf"])
+    with pytest.raises(C.ConfigError, match="train.lr must be a finite number > 0, got inf"):
+        C.validate(cfg)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [1,\nmodel: x\n")
+    with pytest.raises(C.ConfigError, match=r"bad.yaml is not valid YAML at line \d+"):
+        C.load_config(str(bad))

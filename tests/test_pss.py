@@ -6,9 +6,10 @@ import torch
 
 from dsvit.config import Config, ConfigError
 from dsvit.model.token_stage import TokenStage
-from model_helpers import block_inputs, small_vit, start_plugin, vanilla_vit
-from dsvit.plugins.patch_sampling import (PatchSampling, PSSConfig, drop_ratio, keep_rate, num_keep,
-                                          quantize, select_patches, sweep_keep_rates)
+from model_helpers import block_inputs, next_step, small_vit, start_plugin, vanilla_vit
+from dsvit.plugins.patch_sampling import (PatchSampling, PSSConfig, drop_ratio, generator_seed,
+                                          keep_rate, num_keep, quantize, select_patches,
+                                          sweep_keep_rates)
 
 LEVELS = {0.0, 0.2, 0.4, 0.6, 0.8}
 
@@ -124,6 +125,23 @@ def test_random_sampler_seeded_by_seed_step_rank():
     assert abs(rate.mean() - 58 / 196) < 1e-6 and (rate - 58 / 196).abs().max() < 0.1
 
 
+
+def test_random_sampler_faithful_keeps_smallest_draws_clean_largest():
+    x = torch.zeros(3, 197, 4)
+    faithful = select_patches(x, 59, 1, "random", torch.Generator().manual_seed(5), raster_order=False)
+    clean = select_patches(x, 59, 1, "random", torch.Generator().manual_seed(5), raster_order=True)
+    noise = torch.rand(3, 196, generator=torch.Generator().manual_seed(5))    # the same draws
+    assert torch.equal(faithful[:, 1:], noise.argsort(dim=1)[:, :58] + 1)    # the original's selection
+    assert torch.equal(clean[:, 1:], noise.topk(58, dim=1).indices.sort(dim=1).values + 1)
+    assert (faithful[:, 0] == 0).all() and (clean[:, 0] == 0).all()
+    stage = TokenStage()
+    plugin, _ = pss_on(None, stage, step=3, sampler="random", schedule="fixed", drop_start=0.6,
+                       raster_order=False)
+    plugin(x, stage)
+    g = torch.Generator().manual_seed(generator_seed(0, 3, 0))               # seed 0, step 3, rank 0
+    ref = torch.rand(3, 196, generator=g).argsort(dim=1)[:, :78] + 1
+    assert torch.equal(stage.positions[:, 1:], ref)
+
 # ---------------------------------------------------------------- on a model
 def test_drop_zero_bit_identical_and_eval_full():
     model, stage = small_vit()
@@ -153,7 +171,7 @@ def test_counts_in_blocks_and_reference_forward():
         ref = model.forward_head(model.norm(model.blocks(x)))
     torch.testing.assert_close(out.detach(), ref, rtol=0, atol=1e-6)
     state.step = 50
-    plugin.on_before_forward(state)
+    next_step(plugin, state)
     sizes.clear(), model(img)
     assert sizes == [197]
 

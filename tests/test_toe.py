@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from dsvit.config import Config, ConfigError
-from model_helpers import block_inputs, small_vit, start_plugin, vanilla_vit
+from model_helpers import block_inputs, next_step, small_vit, start_plugin, vanilla_vit
 from dsvit.plugins.token_expansion import (ToEConfig, TokenExpansion, chunk_sizes, is_active, merge,
                                            round_chunks, seed_positions, stage_index, token_expansion)
 
@@ -189,7 +189,7 @@ def test_block_token_counts_and_positions():
     assert torch.equal(torch.cat([pos[:, 1:], stage.record["toe_merged"]], 1).sort(1).values,
                        torch.arange(1, 197).expand(2, -1))
     state.step = 100
-    plugin.on_before_forward(state)
+    next_step(plugin, state)
     sizes.clear(), model(img)
     assert sizes == [197, 148, 148]
     model.eval()

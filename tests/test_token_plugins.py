@@ -6,7 +6,7 @@ from dsvit.config import Config, apply_override, load_config, validate
 from dsvit.engine.plugin import PluginSet, State
 from dsvit.model.vit import build_model
 from dsvit.config import ModelConfig
-from dsvit.plugins import REGISTRY, build_plugins
+from dsvit.registry import build_plugins, plugin_registry
 from dsvit.plugins.patch_sampling import PatchSampling, PSSConfig
 from dsvit.plugins.token_expansion import ToEConfig, TokenExpansion
 from dsvit.plugins.visualize import TokenViz, TokenVizConfig, token_grid
@@ -38,7 +38,7 @@ def fit(plugins, step=0, total_steps=300, image_every=0):
 
 
 def test_registry_and_order():
-    assert REGISTRY["toe"] is TokenExpansion and REGISTRY["pss"] is PatchSampling
+    assert plugin_registry()["toe"] is TokenExpansion and plugin_registry()["pss"] is PatchSampling
     pset = PluginSet([TokenExpansion(ToEConfig()), PatchSampling(PSSConfig())])
     assert [p.name for p in pset] == ["pss", "toe"]
     assert [p.name for p in PluginSet([TokenExpansion(ToEConfig(order=150)),
@@ -80,6 +80,7 @@ def test_pss_then_toe_counts_positions_and_logging():
         seen["pss"] = st.positions
         return x
     stage.add_after_embed(after_pss)
+    pset.fire("step_start", state)
     pset.fire("before_forward", state)
     img = torch.randn(2, 3, 224, 224)
     model(img)
@@ -111,6 +112,7 @@ def test_visualizer_grid():
     pss = PatchSampling(PSSConfig(schedule="fixed", drop_start=0.4))
     viz = TokenViz(TokenVizConfig(num_images=2))
     model, stage, state, pset = fit([TokenExpansion(ToEConfig()), pss, viz], image_every=1)
+    pset.fire("step_start", state)
     pset.fire("before_forward", state)
     img = torch.randn(3, 3, 224, 224)
     model(img)

@@ -46,3 +46,6 @@ def test_eval_keep_rate_sweep(tmp_path, capsys):
     lines = [l.split() for l in out.splitlines() if l.strip().startswith(("1.00", "0.50", "0.25"))]
     assert [l[0] for l in lines] == ["1.00", "0.50", "0.25"]
     assert all(int(l[-1]) == 60 for l in lines)     # every val sample once, at every keep rate
+    assert main(["eval", str(run), "--keep-rate", "abc", f"data.root={root}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--keep-rate abc" in err[0] and "eval_keep_rate" in err[0]

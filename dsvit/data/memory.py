@@ -1,7 +1,8 @@
 """In-memory tensor datasets with the TrainData/EvalData interface, for tests and benchmarks.
 
-The global micro-batch j of an epoch is a fixed slice of a (seed, epoch) permutation, and rank r
-takes its r-th part, so 1 rank with batch B and W ranks with B/W each see the same samples per step.
+The global micro-batch j of an epoch is a fixed slice of a (seed, epoch) permutation of the kept
+samples, and rank r takes its r-th part, so 1 rank with batch B and W ranks with B/W each see the same
+samples per step. The uid of a sample is its index.
 """
 from __future__ import annotations
 
@@ -13,14 +14,30 @@ class MemoryTrainData:
                  local_batch: int, seed: int = 0, batches_multiple: int = 1):
         self.images, self.labels = images, labels
         self.rank, self.world_size, self.local_batch, self.seed = rank, world_size, local_batch, seed
-        per_epoch = len(images) // (local_batch * world_size)
-        self.batches_per_epoch = per_epoch - per_epoch % batches_multiple
+        self.multiple = batches_multiple
+        self.num_samples = len(images)
+        self.set_keep_set(None)
 
-    def epoch_batches(self, epoch: int, skip_batches: int = 0):
+    def batches_for(self, active_samples: int) -> int:
+        per_epoch = active_samples // (self.local_batch * self.world_size)
+        return per_epoch - per_epoch % self.multiple
+
+    def set_keep_set(self, keep) -> None:
+        """Train on the samples whose ``keep[uid]`` is true from the next epoch on (None: all)."""
+        self.keep = None if keep is None else torch.as_tensor(keep, dtype=torch.bool)
+        active = self.num_samples if keep is None else int(self.keep.sum())
+        self.batches_per_epoch = self.batches_for(active)
+
+    def epoch_batches(self, epoch: int, skip_batches: int = 0, num_batches=None):
+        num_batches = self.batches_per_epoch if num_batches is None else num_batches
+        if num_batches > self.batches_per_epoch:
+            raise ValueError(f"{num_batches} batches asked, the epoch has {self.batches_per_epoch}")
         g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
-        order = torch.randperm(len(self.images), generator=g)
+        order = torch.randperm(self.num_samples, generator=g)
+        if self.keep is not None:
+            order = order[self.keep[order]]
         glob = self.local_batch * self.world_size
-        for j in range(skip_batches, self.batches_per_epoch):
+        for j in range(skip_batches, num_batches):
             idx = order[j * glob + self.rank * self.local_batch:][:self.local_batch]
             yield self.images[idx], self.labels[idx], idx
 

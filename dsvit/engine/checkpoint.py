@@ -2,17 +2,30 @@
 
 Layout under ``RUN_DIR/checkpoints/``::
 
-    step00001200/            one DeepSpeed tag (model + optimizer shards, client_state)
-        rng_rank{r}.pt       each rank's RNG states (client_state is written by rank 0 only)
-        COMPLETE             written by rank 0 after every rank finished writing (a barrier)
+    step00001200/            one DeepSpeed tag (model + optimizer shards, client_state: EMA)
+        dsvit_state.pt       rank 0: progress, the model's architecture and the replicated plugin
+                             states; read before the engine is built, so a resume builds the
+                             right (e.g. grown) model first and then loads DeepSpeed's files into it
+        rank{r}_state.pt     each rank's RNG states and per-rank plugin states
+        weights.safetensors  the model's full fp32 weights (and ema.safetensors): what eval/export read
+        COMPLETE             written by rank 0 after every rank finished writing (a barrier): the
+                             fingerprint of the run, its run id, and every file's size
     latest                   name of the newest complete tag (atomic replace)
 
 A run killed at any moment leaves at worst a tag without ``COMPLETE``; ``find_latest`` never picks
 it, and the next successful save removes it. DeepSpeed's own ``latest`` file is not used because it
-is written before the other ranks are known to have finished.
+is written before the other ranks are known to have finished. A tag whose files do not have the sizes
+its marker recorded (truncated, half copied) is skipped by ``resume=auto`` with a warning.
+
+Trust: dsvit's own files hold tensors, numbers and strings only and load with
+``torch.load(weights_only=True)``; ``dsvit eval``/``export`` read only those and the safetensors
+files, so evaluating someone else's checkpoint runs none of its code. Resuming goes through
+DeepSpeed's loader, which unpickles its optimizer files: resume only from checkpoints you trust.
+Keep-last pruning only removes tags of this run (same run id).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -25,6 +38,11 @@ import torch
 import torch.distributed as dist
 
 MARKER = "COMPLETE"
+RUN_STATE = "dsvit_state.pt"
+
+
+def rank_file(rank: int) -> str:
+    return f"rank{rank}_state.pt"
 
 
 def tag_for(step: int) -> str:
@@ -37,7 +55,11 @@ def _barrier() -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors, numbers and strings (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -45,7 +67,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -78,29 +101,124 @@ def read_marker(tag_dir: Path) -> dict:
     return json.loads(marker.read_text())
 
 
-def save(engine, ckpt_dir: Path, step: int, client_state: dict, meta: dict, rank: int, keep_last: int) -> Path:
-    """Collective: every rank calls it at the same step."""
+def save(engine, ckpt_dir: Path, step: int, client_state: dict, run_state: dict, rank_state: dict,
+         weights: dict, meta: dict, rank: int, keep_last: int) -> Path:
+    """Collective: every rank calls it at the same step. ``weights`` (rank 0): name -> tensor dict
+    per safetensors file, e.g. {"weights": fp32 state dict, "ema": ...}."""
+    from safetensors.torch import save_file
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
-    if rank == 0 and tag_dir.exists():   # a leftover from a killed save of this very step
-        shutil.rmtree(tag_dir)
+    if rank == 0 and tag_dir.exists():
+        old = read_marker(tag_dir) if (tag_dir / MARKER).is_file() else {}
+        if old and old.get("run_id") != meta.get("run_id"):
+            raise RuntimeError(f"{tag_dir} holds a checkpoint of another run (run id {old.get('run_id')}); "
+                               f"this run ({meta.get('run_id')}) will not overwrite it: use another run.dir")
+        shutil.rmtree(tag_dir)   # a leftover from a killed save of this very step
     _barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), tag_dir / f"rng_rank{rank}.pt")
+    torch.save(dict(rank_state, rng=rng_state()), tag_dir / rank_file(rank))
+    if rank == 0:
+        torch.save(run_state, tag_dir / RUN_STATE)
+        for name, tensors in weights.items():
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tag_dir / f"{name}.safetensors"))
     _barrier()
     if rank == 0:
-        _atomic_write(tag_dir / MARKER, json.dumps(dict(meta, step=step, tag=tag), indent=1))
+        files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file()}
+        _atomic_write(tag_dir / MARKER, json.dumps(dict(meta, step=step, tag=tag, files=files), indent=1))
         _atomic_write(ckpt_dir / "latest", tag)
-        _prune(ckpt_dir, keep_last, keep=tag)
+        _prune(ckpt_dir, keep_last, keep=tag, run_id=meta.get("run_id"))
     _barrier()
     return tag_dir
 
 
-def _prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:
-    complete = complete_tags(ckpt_dir)
+def problems(tag_dir: Path) -> list[str]:
+    """What is wrong with a complete-marked tag's files (missing, or not the size recorded)."""
+    out = []
+    for name, size in read_marker(tag_dir).get("files", {}).items():
+        f = tag_dir / name
+        if not f.is_file():
+            out.append(f"{name} is missing")
+        elif f.stat().st_size != size:
+            out.append(f"{name} has {f.stat().st_size} bytes, {size} were written (truncated or "
+                       f"partly copied)")
+    return out
+
+
+def find_resumable(ckpt_dir: Path) -> tuple[Optional[Path], list[str]]:
+    """The newest complete tag whose files are intact, and a line for every newer one skipped."""
+    skipped = []
+    for tag in reversed(complete_tags(ckpt_dir)):
+        wrong = problems(ckpt_dir / tag)
+        if not wrong:
+            return ckpt_dir / tag, skipped
+        skipped.append(f"{ckpt_dir / tag}: {'; '.join(wrong)}")
+    return None, skipped
+
+
+def agree(obj):
+    """Rank 0's ``obj`` on every rank (a decision made once). Collective."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def read_run_state(tag_dir: Path) -> dict:
+    """Progress, architecture and replicated plugin states: read before any engine exists."""
+    return torch.load(tag_dir / RUN_STATE, map_location="cpu", weights_only=True)
+
+
+def read_rank_state(tag_dir: Path, rank: int) -> dict:
+    return torch.load(tag_dir / rank_file(rank), map_location="cpu", weights_only=True)
+
+
+def _digest(obj, h) -> None:
+    if torch.is_tensor(obj):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, np.ndarray):
+        h.update(f"{obj.dtype}{obj.shape}".encode() + np.ascontiguousarray(obj).tobytes())
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=repr):
+            h.update(repr(k).encode())
+            _digest(obj[k], h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{type(obj).__name__}{len(obj)}".encode())
+        for x in obj:
+            _digest(x, h)
+    else:
+        h.update(repr(obj).encode())
+
+
+def state_digest(obj) -> str:
+    h = hashlib.sha256()
+    _digest(obj, h)
+    return h.hexdigest()
+
+
+def check_replicated(states: dict) -> None:
+    """Collective: every replicated plugin state must be identical on every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    mine = {name: state_digest(st) for name, st in states.items()}
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    for name in mine:
+        ranks = [r for r, d in enumerate(every) if d[name] != every[0][name]]
+        if ranks:
+            raise RuntimeError(
+                f"plugin '{name}' declares its state replicated, but rank(s) {ranks} hold a different "
+                f"state than rank 0; make the plugin's decisions identical on every rank (all-reduce "
+                f"or broadcast them) or declare state_scope = 'per_rank'")
+
+
+def _prune(ckpt_dir: Path, keep_last: int, keep: str, run_id) -> None:
+    complete = [t for t in complete_tags(ckpt_dir) if read_marker(ckpt_dir / t).get("run_id") == run_id]
     doomed = complete[:-keep_last]
-    doomed += [p.name for p in ckpt_dir.iterdir()
-               if p.is_dir() and p.name not in complete and p.name != keep]   # interrupted saves
+    doomed += [p.name for p in ckpt_dir.iterdir()   # interrupted saves
+               if p.is_dir() and not (p / MARKER).is_file() and p.name != keep]
     for name in doomed:
         shutil.rmtree(ckpt_dir / name, ignore_errors=True)
 
@@ -115,13 +233,26 @@ def check_compatible(meta: dict, expected: dict, tag_dir: Path) -> None:
             "\nresume with the same model/plugins/world size, or start a new run directory")
 
 
-def load(engine, tag_dir: Path, rank: int) -> dict:
-    """Collective: load model/optimizer into the engine; returns client_state; restores this rank's RNG."""
-    _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
-                                             load_optimizer_states=True, load_lr_scheduler_states=False)
+def load(engine, tag_dir: Path, rank: int) -> None:
+    """Collective: load model/optimizer into the engine; restores this rank's RNG."""
+    try:
+        _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                                 load_optimizer_states=True,
+                                                 load_lr_scheduler_states=False)
+    except Exception as e:
+        raise RuntimeError(f"loading checkpoint {tag_dir} failed ({type(e).__name__}: {e}); its files "
+                           f"are damaged: resume from an earlier tag (checkpoint.resume=PATH) or "
+                           f"delete this one and use checkpoint.resume=auto") from e
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
-    rng_file = tag_dir / f"rng_rank{rank}.pt"
-    if rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    return client_state
+    set_rng_state(read_rank_state(tag_dir, rank)["rng"])
+
+
+def read_weights(tag_dir: Path, name: str = "weights") -> dict:
+    """A safetensors file of the tag (no code runs while loading it)."""
+    from safetensors.torch import load_file
+    f = tag_dir / f"{name}.safetensors"
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} not found: {tag_dir} was not written by this dsvit version "
+                                f"or is incomplete")
+    return load_file(str(f))

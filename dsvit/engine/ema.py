@@ -2,7 +2,8 @@
 
 Every rank computes the same average (the weights it reads are identical after each step), so the
 EMA model can be evaluated without collectives and exported as plain timm weights. Under ZeRO-3 the
-partitioned parameters are gathered for the update.
+partitioned parameters are gathered for the update. Shadow and source parameters are paired by
+name, once per source model (a rebuilt engine brings a new source: ``bind``).
 """
 from __future__ import annotations
 
@@ -12,32 +13,43 @@ import torch
 
 
 class WeightEMA:
-    def __init__(self, source: torch.nn.Module, shadow: torch.nn.Module, decay: float, zero3: bool):
+    def __init__(self, source: torch.nn.Module, shadow: torch.nn.Module, decay: float, zero3: bool,
+                 copy: bool = True):
         self.decay = decay
         self.zero3 = zero3
         self.model = shadow.float().eval().requires_grad_(False)
-        self._names = [n for n, _ in source.named_parameters()]
-        self.copy_from(source)
+        self.bind(source)
+        if copy:
+            self.copy_from(source)
 
-    def _gathered(self, source):
+    def bind(self, source: torch.nn.Module) -> None:
+        """Pair every shadow parameter with the source parameter of the same name."""
+        shadow = dict(self.model.named_parameters())
+        src = dict(source.named_parameters())
+        if shadow.keys() != src.keys():
+            raise ValueError(f"EMA model and trained model differ in parameters: "
+                             f"{sorted(shadow.keys() ^ src.keys())[:4]}")
+        self.source = source
+        self._dst = [shadow[n] for n in src]
+        self._src = list(src.values())
+
+    def _gathered(self):
         if not self.zero3:
             return contextlib.nullcontext()
         import deepspeed
-        return deepspeed.zero.GatheredParameters(list(source.parameters()))
+        return deepspeed.zero.GatheredParameters(self._src)
 
     @torch.no_grad()
     def copy_from(self, source: torch.nn.Module) -> None:
-        with self._gathered(source):
-            shadow = dict(self.model.named_parameters())
-            for n, p in source.named_parameters():
-                shadow[n].copy_(p.float())
+        self.bind(source)
+        with self._gathered():
+            for d, s in zip(self._dst, self._src):
+                d.copy_(s.float())
 
     @torch.no_grad()
-    def update(self, source: torch.nn.Module) -> None:
-        with self._gathered(source):
-            dst = [p for _, p in self.model.named_parameters()]
-            src = [p.detach().float() for p in source.parameters()]
-            torch._foreach_lerp_(dst, src, 1.0 - self.decay)
+    def update(self) -> None:
+        with self._gathered():
+            torch._foreach_lerp_(self._dst, [p.detach().float() for p in self._src], 1.0 - self.decay)
 
     def state_dict(self) -> dict:
         return {k: v.clone() for k, v in self.model.state_dict().items()}

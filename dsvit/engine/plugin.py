@@ -1,36 +1,52 @@
-"""The plugin contract: events, the Plugin base class, ordering.
+"""The plugin contract: events, the State plugins see, the Plugin base class, ordering.
 
-A plugin is a small object that reacts to named engine events. It receives a :class:`State`
-(step, epoch, progress, the model and its token stage, the logger, the data handle, world info,
-the current batch/outputs) and changes only what it is allowed to change: the batch, the token-stage
-hooks it registered, or a rebuild request. The engine knows no plugin by name.
-
-Events (``on_<event>(state)``), in the order they fire:
+A plugin reacts to named engine events (``on_<event>(state)``) and changes only what it may change:
+the batch, ``state.loss_per_sample``, the token-stage hooks it registered, the data keep set, or a
+rebuild request. The engine knows no plugin by name. Events, in the order they fire::
 
     fit_start, epoch_start,
-      batch_start      (state.batch is mutable: images, targets, labels, uids)
-      before_forward, after_forward (state.logits),
-      after_loss       (state.loss_per_sample, state.logits, state.batch.labels: before backward)
-      after_step       (after the optimizer update; state.step already advanced)
+      step_start       once per optimizer step, before its first micro-batch
+        batch_start    (state.batch is mutable: images, targets, labels, uids)
+        before_forward, after_forward (state.logits),
+        after_loss     (state.loss_per_sample: the trainer uses it as it stands afterwards; a
+                        plugin may replace or re-weight it)
+      after_step       after the optimizer update; state.step already advanced
+      after_rebuild    after the engine was rebuilt around a new model (state.last_rebuild)
     epoch_end, eval_start, eval_end, checkpoint_save, checkpoint_load, fit_end
 
-Only methods a plugin overrides are dispatched, so a plugin that is switched off (never registered)
-or an event it ignores costs nothing. Order: by ``Plugin.order`` (role: data 100 -> tokens 200 ->
-attention 300 -> depth 400 -> other 500), ties broken by name; a recipe can override ``order``.
-Everything a plugin needs to resume lives in ``state_dict()`` or is a pure function of the step.
+Rules the engine enforces:
+- ``state.model`` and ``state.token_stage`` are live: always the current objects (a rebuild replaces
+  the model; the token stage is kept and its block-keyed hooks follow the request's block map).
+- A rebuild is requested with ``state.request_rebuild(request)`` between optimizer steps only
+  (``epoch_start``, ``step_start``, ``after_step``, ``epoch_end``); the trainer performs it right after
+  that event. Two requests before it could act are an error naming both plugins.
+- ``checkpoint_save`` fires before plugin state is captured. A plugin's state is ``replicated``
+  (identical on every rank: saved once; the trainer checks equality across ranks when saving) or
+  ``per_rank`` (saved per rank; then a resume needs the same world size). ``state_dict()`` holds
+  tensors, numbers, strings and containers only, so checkpoints load with ``weights_only=True``.
+- ``architecture()`` returns the model-config overrides the plugin's current state implies (e.g. a
+  grown depth); the model is built from them at start and at resume, before the engine exists.
+- ``plan_epochs(num_samples, epochs)``: a data plugin declares the active sample count of every
+  epoch up front, so the run length (hence LR and plugin schedules) is known at start.
+- Only events that exist may be handled: an ``on_*`` method with another name is refused.
+
+Order: by ``Plugin.order`` (role: data 100 -> tokens 200 -> attention 300 -> depth 400 -> other
+500), ties by name; a recipe can override ``order``. A disabled plugin is never built: zero cost.
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
 EVENTS = (
-    "fit_start", "epoch_start", "batch_start", "before_forward", "after_forward", "after_loss",
-    "after_step", "epoch_end", "eval_start", "eval_end", "checkpoint_save", "checkpoint_load",
-    "fit_end",
+    "fit_start", "epoch_start", "step_start", "batch_start", "before_forward", "after_forward",
+    "after_loss", "after_step", "after_rebuild", "epoch_end", "eval_start", "eval_end",
+    "checkpoint_save", "checkpoint_load", "fit_end",
 )
+REBUILD_EVENTS = ("epoch_start", "step_start", "after_step", "epoch_end")
 
 ORDER_DATA, ORDER_TOKENS, ORDER_ATTENTION, ORDER_DEPTH, ORDER_OTHER = 100, 200, 300, 400, 500
 
@@ -44,40 +60,47 @@ class Batch:
 
 
 @dataclass
-class RebuildRequest:
-    """Ask the trainer to rebuild the DeepSpeed engine around ``model`` between steps."""
-    model: torch.nn.Module
-    param_map: dict = field(default_factory=dict)   # new param name -> old param name (state source)
-    policy: str = "carry"                            # carry | reset (optimizer state)
-
-
-@dataclass
 class State:
-    cfg: Any                       # the whole Config (read-only by convention)
+    cfg: Any                       # the whole Config (read-only)
     rank: int
     world_size: int
-    model: Optional[torch.nn.Module] = None        # the timm model (engine.module)
+    model: Optional[torch.nn.Module] = None        # the live timm model (engine.module)
     token_stage: Any = None                          # dsvit.model.token_stage.TokenStage
     logger: Any = None                               # dsvit.engine.logging.RunLogger
-    data: Any = None                                 # data handle (example filter etc.)
+    data: Any = None                                 # data handle (keep set etc.)
+    num_classes: int = 0
     step: int = 0                  # optimizer steps done
     micro_step: int = 0
     epoch: int = 0
     step_in_epoch: int = 0
-    steps_per_epoch: int = 1
+    steps_per_epoch: int = 1       # of the current epoch (a data plugin may change it per epoch)
     total_steps: int = 1
+    epoch_steps: tuple = ()        # planned optimizer steps of every epoch
     batch: Optional[Batch] = None
     logits: Optional[torch.Tensor] = None
     loss_per_sample: Optional[torch.Tensor] = None
     training: bool = True
-    rebuild_request: Optional[RebuildRequest] = None
+    event: str = ""                # the event being dispatched, and to which plugin
+    plugin: str = ""
+    rebuild_request: Any = None    # pending dsvit.engine.rebuild.RebuildRequest
+    last_rebuild: Any = None       # the request the last rebuild carried out (after_rebuild)
 
     @property
     def progress(self) -> float:
         """Fraction of training done, in [0, 1]."""
         return min(1.0, self.step / max(1, self.total_steps))
 
-    def request_rebuild(self, request: RebuildRequest) -> None:
+    def request_rebuild(self, request) -> None:
+        if self.event not in REBUILD_EVENTS:
+            raise RuntimeError(
+                f"plugin '{self.plugin}' requested an engine rebuild in '{self.event}'; rebuilds run "
+                f"between optimizer steps only: request it in one of {REBUILD_EVENTS}")
+        if self.rebuild_request is not None:
+            raise RuntimeError(
+                f"two engine rebuilds requested for the same point (step {self.step}): by plugin "
+                f"'{self.rebuild_request.requested_by}' and by plugin '{self.plugin}'; only one plugin "
+                f"may change the model at a time: disable one or move its schedule")
+        request.requested_by = self.plugin
         self.rebuild_request = request
 
 
@@ -87,6 +110,9 @@ class Plugin:
     name: str = "plugin"
     config_class: type = object
     order: int = ORDER_OTHER
+    state_scope: str = "replicated"      # replicated | per_rank
+    # ``dsvit eval`` options this plugin offers: (flag, config key, help), e.g. a keep-rate sweep
+    eval_options: tuple = ()
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
@@ -98,10 +124,27 @@ class Plugin:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def architecture(self) -> dict:
+        return {}
+
+    def plan_epochs(self, num_samples: int, epochs: int) -> Optional[list]:
+        return None
+
 
 def handles(plugin: Plugin, event: str) -> bool:
     method = getattr(type(plugin), f"on_{event}", None)
     return method is not None and method is not getattr(Plugin, f"on_{event}", None)
+
+
+def _check_handlers(plugin: Plugin) -> None:
+    for attr in dir(type(plugin)):
+        if attr.startswith("on_") and callable(getattr(type(plugin), attr)) and attr[3:] not in EVENTS:
+            close = difflib.get_close_matches(attr[3:], EVENTS, n=1)
+            hint = f" (did you mean on_{close[0]}?)" if close else ""
+            raise TypeError(f"plugin '{plugin.name}' has a handler {attr} for an event that does not "
+                            f"exist{hint}; events: {', '.join(EVENTS)}")
+    if plugin.state_scope not in ("replicated", "per_rank"):
+        raise TypeError(f"plugin '{plugin.name}': state_scope must be replicated or per_rank")
 
 
 class PluginSet:
@@ -112,24 +155,49 @@ class PluginSet:
         names = [p.name for p in self.plugins]
         if len(set(names)) != len(names):
             raise ValueError(f"two plugins share a name: {names}")
-        self._dispatch: dict[str, list[Callable]] = {
-            ev: [getattr(p, f"on_{ev}") for p in self.plugins if handles(p, ev)] for ev in EVENTS}
+        for p in self.plugins:
+            _check_handlers(p)
+        self._dispatch = {ev: [(p.name, getattr(p, f"on_{ev}")) for p in self.plugins if handles(p, ev)]
+                          for ev in EVENTS}
 
     def fire(self, event: str, state: State) -> None:
-        for fn in self._dispatch[event]:
+        state.event = event
+        for name, fn in self._dispatch[event]:
+            state.plugin = name
             fn(state)
+        state.event = state.plugin = ""
 
-    def state_dict(self) -> dict:
-        return {p.name: p.state_dict() for p in self.plugins}
+    # ---- state: replicated once, per-rank per rank
+    def state_dict(self, scope: str) -> dict:
+        return {p.name: p.state_dict() for p in self.plugins if p.state_scope == scope}
 
-    def load_state_dict(self, states: dict) -> None:
-        missing = [p.name for p in self.plugins if p.name not in states]
-        if missing:
-            raise RuntimeError(
-                f"checkpoint has no state for plugin(s) {missing}: it was written by a run with other "
-                f"plugins; resume with the same plugins, or start fresh (checkpoint.resume='')")
+    def load_state_dict(self, replicated: dict, per_rank: dict) -> None:
         for p in self.plugins:
+            states = replicated if p.state_scope == "replicated" else per_rank
+            if p.name not in states:
+                raise RuntimeError(
+                    f"checkpoint has no state for plugin '{p.name}': it was written by a run with other "
+                    f"plugins; resume with the same plugins, or start fresh (checkpoint.resume='')")
             p.load_state_dict(states[p.name])
+
+    # ---- what the plugins declare about the model and the data
+    def architecture(self) -> dict:
+        arch, owner = {}, {}
+        for p in self.plugins:
+            for k, v in p.architecture().items():
+                if k in arch:
+                    raise ValueError(f"plugins '{owner[k]}' and '{p.name}' both set the model's '{k}'; "
+                                     f"disable one of them")
+                arch[k], owner[k] = v, p.name
+        return arch
+
+    def epoch_plan(self, num_samples: int, epochs: int) -> Optional[list]:
+        plans = [(p.name, p.plan_epochs(num_samples, epochs)) for p in self.plugins]
+        plans = [(n, plan) for n, plan in plans if plan is not None]
+        if len(plans) > 1:
+            raise ValueError(f"plugins {[n for n, _ in plans]} all change the epoch length; only one "
+                             f"data plugin may: disable the others")
+        return list(plans[0][1]) if plans else None
 
     def __iter__(self):
         return iter(self.plugins)

@@ -24,6 +24,7 @@ bit-identical to timm's forward_features.
 """
 from __future__ import annotations
 
+import contextlib
 import types
 from collections import defaultdict
 from typing import Callable, Optional
@@ -46,6 +47,7 @@ class TokenStage:
         self.model = None
         self.training = True           # the running model's mode; hooks gate on it
         self.mean_block_tokens = 0.0   # mean sequence length over blocks in the last forward
+        self.enabled = True            # False: the plain timm loop (suspended())
 
     # ------------------------------------------------------------ wiring
     def attach(self, model: torch.nn.Module, primary: bool = True) -> "TokenStage":
@@ -83,6 +85,37 @@ class TokenStage:
         for i in [i for i, f in self.attn_mask.items() if f is fn]:
             del self.attn_mask[i]
 
+    def remap_blocks(self, src: list) -> None:
+        """After the block list changed (new block i <- old block src[i]): a hook that ran before
+        old block j runs before the first new block copied from j (``surgery.hook_position``)."""
+        from dsvit.model.surgery import hook_position
+
+        def moved(index, what):
+            new = hook_position(index, src)
+            if new is None:
+                raise ValueError(f"the {what} hook before block {index} has no block to follow: the new "
+                                 f"model keeps old blocks {sorted(set(src))}")
+            return new
+        before, masks = defaultdict(list), {}
+        for i, fns in self.before_block.items():
+            if fns:
+                before[moved(i, "token")].extend(fns)
+        for i, fn in self.attn_mask.items():
+            j = moved(i, "attention-mask")
+            if j in masks:
+                raise ValueError(f"two attention-mask providers land on block {j} after the rebuild")
+            masks[j] = fn
+        self.before_block, self.attn_mask = before, masks
+
+    @contextlib.contextmanager
+    def suspended(self):
+        """Run the plain timm block loop inside (no hooks): the engine's priming step."""
+        self.enabled = False
+        try:
+            yield
+        finally:
+            self.enabled = True
+
     # ------------------------------------------------------------ helpers for hooks
     def current_positions(self, x: torch.Tensor) -> torch.Tensor:
         if self.positions is None:
@@ -101,10 +134,12 @@ class TokenStage:
         ckpt = model.grad_checkpointing and torch.is_grad_enabled()
         tokens = 0
         for i, blk in enumerate(model.blocks):
-            for fn in self.before_block.get(i, ()):
-                x = fn(x, self)
-            mask_fn = self.attn_mask.get(i)
-            mask = mask_fn(x, self) if mask_fn is not None else None
+            mask = None
+            if self.enabled:
+                for fn in self.before_block.get(i, ()):
+                    x = fn(x, self)
+                mask_fn = self.attn_mask.get(i)
+                mask = mask_fn(x, self) if mask_fn is not None else None
             if ckpt:
                 if self.checkpoint_fn is not None:
                     x = self.checkpoint_fn(blk, x, mask)
@@ -151,7 +186,7 @@ def _forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = F
     x = self._pos_embed(x)
     x = self.patch_drop(x)
     x = self.norm_pre(x)
-    for fn in stage.after_embed:
+    for fn in stage.after_embed if stage.enabled else ():
         x = fn(x, stage)
     x = stage.run_blocks(self, x)
     return self.norm(x)

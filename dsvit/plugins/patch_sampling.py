@@ -1,11 +1,14 @@
 """Patch Sampling Schedule (PSS; McDanel & Huynh 2022) as a token-stage plugin.
 
-Spec: /work/shared/specs/patch-sampling-schedule.md. Each training step a schedule sets a drop ratio r
-(quantised to multiples of 1/levels); right after the position embedding (hook ``after_embed``) every
-image keeps ``K = round_half_even((1 - r) * N)`` tokens, N and K counting the prefix tokens, which are
-always kept. The sampler picks which patches: ``magnitude`` (top-(K - prefix) by the L1 norm of the
-embedded token, fp32, no_grad) or ``random`` (a uniform subset per image). Batches stay [B, K, C]. The
-kept global positions go through ``stage.gather``, so ToE and visualisations see where tokens came from.
+Paper: McDanel & Huynh, "Accelerating Vision Transformer Training via a Patch Sampling Schedule",
+arXiv:2208.09520, 2022 (reference code: github.com/BradMcDanel/pss).
+
+Each training step a schedule sets a drop ratio r (quantised to multiples of 1/levels); right after
+the position embedding (hook ``after_embed``) every image keeps ``K = round_half_even((1 - r) * N)``
+tokens, N and K counting the prefix tokens, which are always kept. The sampler picks which patches:
+``magnitude`` (top-(K - prefix) by the L1 norm of the embedded token, fp32, no_grad) or ``random`` (a
+uniform subset per image). Batches stay [B, K, C]. The kept global positions go through
+``stage.gather``, so ToE and visualisations see where tokens came from.
 
 Where our setting deviates from the original, and why:
 - r is a pure function of the global optimizer step (``state.step``), the same for every micro-batch
@@ -22,6 +25,9 @@ Where our setting deviates from the original, and why:
   descending-score (magnitude) or random order; blocks and pooling are order-invariant, so logits
   match up to float summation order, but downstream plugins (ToE's seed stride) see a spatial order.
   ``raster_order=False`` keeps the original order (faithful).
+- Which patches the random sampler keeps of its uniform draws: faithful (``raster_order=False``) keeps
+  the original's ``argsort()[:, :K-1]``, the K-1 smallest, in that order; clean keeps the K-1 largest
+  (``topk``), then sorts them. Both are uniform subsets; only faithful reproduces the original's draw.
 - Evaluation: training-time validation uses all tokens unless ``eval_keep_rate < 1`` (dynamic
   inference; not quantised, like the original's sweep). ``inference_hook``/``keep_rate`` are the
   helpers for ``dsvit eval --keep-rate`` and the sweep.
@@ -37,7 +43,7 @@ from typing import Optional
 
 import torch
 
-from dsvit.config import ConfigError
+from dsvit.errors import ConfigError
 from dsvit.engine.plugin import ORDER_TOKENS, Plugin
 from dsvit.plugins import register
 
@@ -100,9 +106,12 @@ def select_patches(x: torch.Tensor, k: int, num_prefix: int = 1, method: str = "
         score = torch.rand(b, n - num_prefix, generator=generator, device=x.device)   # random ranks
     else:
         raise ValueError(f"unknown PSS sampler '{method}'; use one of {SAMPLERS}")
-    idx = score.topk(m, dim=-1, sorted=True).indices
-    if raster_order:
-        idx = idx.sort(dim=-1).values
+    if method == "random" and not raster_order:   # faithful: the original's first K-1 of the argsort
+        idx = score.argsort(dim=-1)[:, :m]
+    else:
+        idx = score.topk(m, dim=-1, sorted=True).indices
+        if raster_order:
+            idx = idx.sort(dim=-1).values
     prefix = torch.arange(num_prefix, device=x.device).expand(b, -1)
     return torch.cat([prefix, idx + num_prefix], 1)
 
@@ -166,7 +175,7 @@ class PSSConfig:
     period_steps: int = 0              # cyclic period in optimizer steps; 0 = steps_per_epoch
     cooldown_epochs: float = 0.0       # last epochs with all tokens (every schedule)
     eval_keep_rate: float = 1.0        # keep rate in eval (dynamic inference); 1.0 = all tokens
-    raster_order: bool = True          # kept tokens in raster order (clean) or score order (faithful)
+    raster_order: bool = True          # clean: raster order; False (faithful): original order and draw
 
     def validate(self, cfg) -> None:
         if self.sampler not in SAMPLERS:
@@ -187,6 +196,8 @@ class PatchSampling(Plugin):
     name = "pss"
     config_class = PSSConfig
     order = ORDER_TOKENS
+    eval_options = (("--keep-rate", "eval_keep_rate",
+                     "patch keep rate(s) for dynamic inference, e.g. 0.5 or 1.0,0.8,0.6,0.4"),)
 
     def __init__(self, cfg: PSSConfig):
         super().__init__(cfg)
@@ -197,7 +208,6 @@ class PatchSampling(Plugin):
         self.total_steps = 1
         self._gen: Optional[torch.Generator] = None
         self._pending_seed: Optional[int] = None
-        self._seeded_step: Optional[int] = None
 
     def drop_at(self, step: int) -> float:
         c = self.cfg
@@ -233,16 +243,16 @@ class PatchSampling(Plugin):
         self.cooldown = round(self.cfg.cooldown_epochs * state.steps_per_epoch)
         state.token_stage.add_after_embed(self)
 
-    def on_before_forward(self, state) -> None:
+    def on_step_start(self, state) -> None:
+        # once per optimizer step: the micro-batches of an accumulation window continue the draw
         self.drop = self.drop_at(state.step)
+        self._pending_seed = generator_seed(self.seed, state.step, self.rank)
+
+    def on_before_forward(self, state) -> None:
         self.tokens = 0
-        if self._seeded_step != state.step:     # once per optimizer step: micro-batches continue it
-            self._pending_seed = generator_seed(self.seed, state.step, self.rank)
-            self._seeded_step = state.step
 
     def on_eval_start(self, state) -> None:
         self._pending_seed = generator_seed(self.seed, state.step, self.rank)
-        self._seeded_step = None
 
     def on_after_step(self, state) -> None:
         if state.logger is not None:

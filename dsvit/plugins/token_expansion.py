@@ -1,13 +1,16 @@
 """Token Expansion (ToE; Huang et al., CVPR 2024) as a token-stage plugin.
 
-Spec: /work/shared/specs/token-expansion.md. Per forward (training only): split off the prefix tokens,
-take a fixed stride of seed patches, grow the kept set chunk by chunk with the patches whose highest
-cosine similarity to the kept set is lowest, then average every leftover patch into its most similar
-kept patch (the host counts once). Blocks from ``insert_before_block`` on run on ``prefix + kept``.
-Similarities, sorts and argmaxes run under no_grad; gathers and the average carry gradient, so every
-patch (merged ones included) trains block 0 and the embeddings.
+Paper: Huang et al., "A General and Efficient Training for Transformer via Token Expansion", CVPR 2024
+(arXiv:2404.00672; reference code: github.com/Osilly/TokenExpansion).
 
-Where our setting deviates from the spec, and why:
+Per forward (training only): split off the prefix tokens, take a fixed stride of seed patches, grow
+the kept set chunk by chunk with the patches whose highest cosine similarity to the kept set is
+lowest, then average every leftover patch into its most similar kept patch (the host counts once).
+Blocks from ``insert_before_block`` on run on ``prefix + kept``. Similarities, sorts and argmaxes run
+under no_grad; gathers and the average carry gradient, so every patch (merged ones included) trains
+block 0 and the embeddings.
+
+Where our setting deviates from the original (paper and reference code), and why:
 - The stage schedule is given as fractions of training by default (``stage_unit="fraction"``,
   starts [0, 1/3, 2/3]); each start becomes the step ``round(f * total_steps)`` and the stage changes at
   that optimizer step, not at an epoch boundary. With epoch counts divisible by 3 (the paper's 300)
@@ -19,17 +22,17 @@ Where our setting deviates from the spec, and why:
 - P is read from the tensor at call time, so after PSS ToE works on the survivors; at least one seed
   is kept (floor(P*rho) is 0 only for P < 4 at rho=0.25, i.e. never on real models).
 - ``round_multiple`` (off by default) moves the last chunk so the post-ToE sequence length is a
-  multiple of e.g. 8 (kernel-friendly shapes); counts then differ from the spec's table.
+  multiple of e.g. 8 (kernel-friendly shapes); counts then differ from the original's.
 
-Spec quirks, each with a faithful and a clean option (default clean):
+Quirks of the original, each with a faithful and a clean option (default clean):
 - Seeds (``seeds``): "stride" (faithful) takes ``n0 = floor(P*rho)`` patches at stride ``1 // rho``
   (float floor division: 1 // 0.2 == 4, so rho=0.2 leaves the bottom rows seedless). "uniform" (clean)
   takes ``floor(i * P / n0)`` for i < n0: the same n0, spread over the whole sequence. Both give the
   identical seeds whenever 1/rho is an integer (the DeiT default rho=0.25), so the paper's DeiT setting
   is reproduced exactly either way.
-Not offered as options (spec calls them required, not quirks): the float-difference increments
-(``floor(P*(r_s - r_{s-1}))``, e.g. 0.7-0.4 < 0.3) and the special last-stage formula are kept because
-the spec's count table depends on them; cosine is the only similarity.
+Not offered as options (they define the method's token counts, not quirks): the float-difference
+increments (``floor(P*(r_s - r_{s-1}))``, e.g. 0.7-0.4 < 0.3) and the special last-stage formula are
+kept because the original's token counts depend on them; cosine is the only similarity.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from dsvit.config import ConfigError
+from dsvit.errors import ConfigError
 from dsvit.engine.plugin import ORDER_TOKENS, Plugin
 from dsvit.model.token_stage import add_tokens, take_tokens
 from dsvit.plugins import register
@@ -72,7 +75,7 @@ def chunk_sizes(num_patches: int, rho: float, keep_rates: list, stage: int, repe
     p, total_rates = num_patches, len(keep_rates)
     deltas, prev, acc = [], rho, rho
     for s in range(1, min(stage, total_rates) + 1):
-        d = keep_rates[s - 1] - prev       # float difference first, floored afterwards (spec §4.2)
+        d = keep_rates[s - 1] - prev       # float difference first, floored afterwards (as the original)
         if s < total_rates:
             deltas.append(math.floor(p * d))
             acc += d
@@ -265,8 +268,10 @@ class TokenExpansion(Plugin):
         state.token_stage.add_before_block(self.cfg.insert_before_block, self)
         self.stage = self.stage_at(state.step, state.epoch, state.total_steps)
 
-    def on_before_forward(self, state) -> None:
+    def on_step_start(self, state) -> None:
         self.stage = self.stage_at(state.step, state.epoch, state.total_steps)
+
+    def on_before_forward(self, state) -> None:
         self.tokens = 0
 
     def on_after_step(self, state) -> None:

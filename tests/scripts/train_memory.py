@@ -4,6 +4,8 @@
 
 --stop-at K       exit cleanly right after the checkpoint of step K is complete (a stopped job)
 --kill-in-save K  SIGKILL this process in the middle of writing the checkpoint of step K
+--dump-rebuilds   every rank writes RUN_DIR/rebuild{N}_rank{R}.pt around each engine rebuild: the
+                  optimizer snapshot before and after, the request, LRs, weight decays, host RSS
 Rank 0 writes RUN_DIR/final_logits.pt: the trained model's logits on 8 fixed training images.
 """
 import os
@@ -14,11 +16,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import probe_plugin  # noqa: E402,F401  (registers the 'probe' test plugin)
+import rebuild_probe  # noqa: E402,F401  (registers the 'rebuild_probe' test plugin)
 
 from dsvit import config as C  # noqa: E402
 from dsvit.cli import _init_distributed  # noqa: E402
 from dsvit.data.memory import MemoryEvalData, MemoryTrainData, random_dataset  # noqa: E402
+from dsvit.engine import rebuild as rb  # noqa: E402
 from dsvit.engine.trainer import Trainer  # noqa: E402
+from dsvit.registry import build_plugins  # noqa: E402
 
 
 def flag(args, name):
@@ -30,9 +35,33 @@ def flag(args, name):
     return None
 
 
+def dump_rebuilds(trainer, run_dir, rank):
+    rebuild = trainer.rebuild
+    count = [0]
+
+    def dumped(request):
+        count[0] += 1
+        lr_before = [g["lr"] for g in trainer.optimizer.param_groups]
+        supplied = {k: v.detach().clone() for k, v in request.model.state_dict().items()}
+        before = rb.capture(trainer.engine)
+        rebuild(request)
+        after = rb.capture(trainer.engine)
+        torch.save({"before": before.__dict__, "after": after.__dict__, "lr_before": lr_before,
+                    "weight_decay": trainer.weight_decay,
+                    "lr_after": [g["lr"] for g in trainer.optimizer.param_groups], "param_map": request.param_map,
+                    "block_map": request.block_map, "fresh": sorted(request.new_params()),
+                    "request": supplied,
+                    "no_weight_decay": sorted(trainer.engine.module.no_weight_decay()),
+                    "rss_mib": rb.host_rss_mib(), "step": trainer.state.step},
+                   os.path.join(run_dir, f"rebuild{count[0]}_rank{rank}.pt"))
+    trainer.rebuild = dumped
+
+
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     stop_at, kill_at = flag(args, "--stop-at"), flag(args, "--kill-in-save")
+    dump = "--dump-rebuilds" in args
+    args = [a for a in args if a != "--dump-rebuilds"]
     cfg = C.load_config("tiny_test", args)
     world = _init_distributed(None)
     C.validate(cfg, world.world_size)
@@ -43,7 +72,10 @@ def main():
                             local_batch=micro, seed=cfg.run.seed, batches_multiple=t.grad_accum)
     ev = MemoryEvalData(images[:100], labels[:100], rank=world.rank, world_size=world.world_size,
                         local_batch=t.eval_batch_size // world.world_size)
-    trainer = Trainer(cfg, world, train_data=train, eval_data=ev, num_classes=10)
+    trainer = Trainer(cfg, world, build_plugins(cfg.plugins), train_data=train, eval_data=ev,
+                      num_classes=10)
+    if dump:
+        dump_rebuilds(trainer, cfg.run.dir, world.rank)
 
     save = trainer.save_checkpoint
     def save_and_maybe_stop():
@@ -66,7 +98,7 @@ def main():
     trainer.fit()
     trainer.engine.eval()
     with torch.no_grad():
-        logits = trainer.engine(images[:8].to(trainer.device)).float().cpu()
+        logits = trainer.engine(images[:8].to(trainer.device, trainer.model_dtype)).float().cpu()
     if world.rank == 0:
         torch.save(logits, os.path.join(cfg.run.dir, "final_logits.pt"))
 

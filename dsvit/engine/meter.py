@@ -1,0 +1,65 @@
+"""Per-interval training metrics: accumulated on device between logging points, one host sync per
+interval. Time spent in evaluation and checkpoints inside an interval (``pause``) is not step time."""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+
+class StepMeter:
+    def __init__(self, device: torch.device, world_size: int, global_batch: int):
+        self.world_size, self.global_batch = world_size, global_batch
+        self.loss_sum = torch.zeros((), device=device)
+        self.start_step = 0
+        self.reset(0)
+
+    def reset(self, step: int) -> None:
+        self.loss_sum.zero_()
+        self.loss_count, self.data_wait, self.tokens, self.paused = 0, 0.0, 0.0, 0.0
+        self.t_last, self.step_last = time.perf_counter(), step
+
+    def micro_batch(self, loss: torch.Tensor, data_wait: float, tokens: float) -> None:
+        self.loss_sum += loss
+        self.loss_count += 1
+        self.data_wait += data_wait
+        self.tokens += tokens
+
+    def pause(self, seconds: float) -> None:
+        self.paused += seconds
+
+    def log(self, logger, step: int, lr: float, epoch: float, wall_s: float) -> None:
+        """Collective (all-reduces the loss): every rank calls it at the same steps."""
+        dt = time.perf_counter() - self.t_last - self.paused
+        n_steps = step - self.step_last
+        if dist.is_initialized() and self.world_size > 1:
+            dist.all_reduce(self.loss_sum)
+        loss = self.loss_sum.item() / (self.loss_count * self.world_size)
+        img_s = n_steps * self.global_batch / dt
+        logger.scalar("train/loss", loss)
+        logger.scalar("train/lr", lr)
+        logger.scalar("train/images_per_s", img_s)
+        logger.scalar("train/step_time_s", dt / n_steps)
+        logger.scalar("train/data_wait_s", self.data_wait / n_steps)
+        logger.scalar("train/data_wait_fraction", self.data_wait / dt)
+        logger.scalar("train/tokens_per_image", self.tokens / self.loss_count)
+        logger.scalar("train/epoch", epoch)
+        logger.scalar("time/wall_s", wall_s)
+        logger.flush(step)
+        logger.advance(n_steps, loss=f"{loss:.3f}", img_s=f"{img_s:.0f}")
+        self.reset(step)
+
+
+def log_data_counters(data, logger, device: torch.device, epoch: int, prefix: str = "data") -> None:
+    """The data's counters of its last pass (an epoch, an evaluation: corrupt samples skipped,
+    short shards, ...), summed over ranks. Collective."""
+    counters = getattr(data, "counters", lambda: {})()
+    if counters:
+        values = torch.tensor([float(v) for v in counters.values()], device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(values)
+        for name, v in zip(counters, values.tolist()):
+            logger.scalar(f"{prefix}/{name}", v)
+        logger.info("epoch %d %s: %s", epoch, prefix.replace("_", " "),
+                    ", ".join(f"{k}={int(v)}" for k, v in zip(counters, values.tolist())))

@@ -1,0 +1,295 @@
+"""Rebuild the DeepSpeed engine around a changed model, carrying fp32 masters and Adam's state.
+
+``Trainer.rebuild(request)`` runs between two optimizer steps, on every rank in the same order:
+
+1. ``capture``: the full fp32 master and ``exp_avg``/``exp_avg_sq`` of every old parameter, read
+   through DeepSpeed's public helpers (``deepspeed.utils.safe_get_full_fp32_param`` and
+   ``safe_get_full_optimizer_state``; collectives under ZeRO 1-3) or, where those return nothing
+   (ZeRO-0: the plain torch optimizer, or the unfused bf16/fp16 wrapper), from the optimizer itself.
+   Adam's ``step`` counter is not exposed by the helpers: it is read on the base optimizer.
+2. The old engine is destroyed; the new model gets the request's fp32 weights; a new engine is built
+   with the same DeepSpeed config and timm's weight-decay groups recomputed on the new model.
+3. ``prime``: optimizer state only exists after a first ``step()``, so one step runs at lr 0 on a
+   zero loss (eval mode, token hooks suspended, RNG untouched): weights do not move.
+4. ``restore``: every new parameter gets its fp32 master from the request (never a stale master:
+   under bf16 the engine builds masters from the bf16-cast module) and its moments from its source
+   in ``param_map`` (new name -> old name; block indices remapped by the block map, never matched by
+   name alone). Engine counters (global steps/samples) are put back.
+
+Policies (``RebuildRequest``):
+- ``optimizer_state``: ``carry`` (default) or ``reset`` (zero moments and step 0: a fresh optimizer,
+  what AutoProg's released code does at every stage).
+- ``new_param_state`` for *new* parameters (a duplicate's second copy, or no source): ``copy`` the
+  source's moments (default) or ``zero``. Zero moments under a carried step give oversized first
+  updates: Adam's bias correction assumes the moments have been averaging for ``step`` steps, so
+  the update is (1 - b1^k) / sqrt(1 - b2^k) times too large (3.2x at k = 1, 1.8x at k = 300).
+- ``step``: ``carry`` the old count (default; ZeRO keeps one count per flat group, so old and new
+  parameters must share it) or ``reset`` to 0.
+- ``weights``: ``request`` (the request model's fp32 values, e.g. grown from a momentum copy) or
+  ``masters`` (each parameter from its source's old fp32 master: extraction, identity).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+POLICIES = {"optimizer_state": ("carry", "reset"), "new_param_state": ("copy", "zero"),
+            "step": ("carry", "reset"), "weights": ("request", "masters")}
+
+
+@dataclass
+class RebuildRequest:
+    model: torch.nn.Module            # the new plain timm model (its fp32 values: see ``weights``)
+    param_map: dict                   # every new parameter name -> old name it inherits from, or None
+    arch: dict = field(default_factory=dict)   # model-config overrides that build ``model``
+    block_map: Optional[list] = None  # new block i <- old block block_map[i]; token hooks follow it
+    weights: str = "request"
+    optimizer_state: str = "carry"
+    new_param_state: str = "copy"
+    step: str = "carry"
+    reason: str = ""                  # for the log line
+    requested_by: str = ""            # set by State.request_rebuild
+
+    def validate(self, old_names) -> None:
+        for key, allowed in POLICIES.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"rebuild request by '{self.requested_by}': {key}="
+                                 f"{getattr(self, key)!r}, expected one of {allowed}")
+        names = [n for n, _ in self.model.named_parameters()]
+        missing = [n for n in names if n not in self.param_map]
+        if missing:
+            raise ValueError(f"rebuild request by '{self.requested_by}': param_map has no entry for "
+                             f"{missing[:3]}... (every new parameter names its source or None)")
+        old = set(old_names)
+        unknown = {n: s for n, s in self.param_map.items() if s is not None and s not in old}
+        if unknown:
+            raise ValueError(f"rebuild request by '{self.requested_by}': sources not in the old model: "
+                             f"{dict(list(unknown.items())[:3])}")
+
+    def new_params(self) -> set:
+        """Parameters without a source, or whose source an earlier parameter already took."""
+        seen, out = set(), set()
+        for n, _ in self.model.named_parameters():
+            s = self.param_map[n]
+            if s is None or s in seen:
+                out.add(n)
+            seen.add(s)
+        return out
+
+
+class OptimizerView:
+    """Uniform access to fp32 masters, Adam moments and step counters of a DeepSpeed engine."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.params = list(engine.module.named_parameters())
+        first = self.params[0][1]
+        opt = engine.optimizer
+        if hasattr(first, "ds_id") or hasattr(first, "_hp_mapping"):
+            self.kind, self.base = "hp", opt.optimizer          # ZeRO 1-3, BF16_Optimizer
+        elif hasattr(opt, "fp32_groups") and hasattr(opt, "fp16_groups"):
+            self.kind, self.base = "unfused", opt.optimizer     # ZeRO-0 with bf16/fp16 (unfused)
+            self.master = {id(lp): hp for lg, hg in zip(opt.fp16_groups, opt.fp32_groups)
+                           for lp, hp in zip(lg, hg)}
+        elif isinstance(opt, torch.optim.Optimizer):
+            self.kind, self.base = "plain", opt                  # ZeRO-0 fp32: the torch optimizer
+        else:
+            raise NotImplementedError(
+                f"engine rebuild does not support DeepSpeed's {type(opt).__name__} (ZeRO-0 with the "
+                f"fused fp16 optimizer); use ZeRO 1-3 or bf16/fp32")
+        self.relink()
+
+    def has_state(self) -> bool:
+        return len(self.base.state) > 0
+
+    def relink(self) -> None:
+        """Point every parameter's optimizer-state fragments at the flat group's state.
+
+        DeepSpeed 0.19.8's ZeRO-1/2 optimizer steps its param groups one at a time and links the
+        fragments after the first group's step, once: parameters of later groups (with timm's
+        weight-decay grouping, every weight matrix) keep an empty fragment, and
+        ``safe_get_full_optimizer_state`` fails with "exp_avg not found in optimizer state
+        fragment". Linking again after the state exists is what DeepSpeed itself does lazily."""
+        opt = self.engine.optimizer
+        if self.kind != "hp" or not hasattr(opt, "single_partition_of_fp32_groups") or not self.has_state():
+            return
+        from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+        for lp_group, flat in zip(opt.bit16_groups, opt.single_partition_of_fp32_groups):
+            lazy_init_hp_params_optimizer_state(lp_group, flat, self.base.state)
+
+    def _local(self, p):
+        return p if self.kind == "plain" else self.master[id(p)]
+
+    def get(self, p) -> tuple:
+        """(fp32 master, exp_avg, exp_avg_sq) as full tensors; moments None without state."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+        if self.kind == "hp":
+            master = safe_get_full_fp32_param(p)
+            moments = [safe_get_full_optimizer_state(p, k) if self.has_state() else None for k in MOMENTS]
+            return master, *moments
+        local = self._local(p)
+        st = self.base.state.get(local, {})
+        return local.detach().float(), *[st.get(k) for k in MOMENTS]
+
+    def get_master(self, p) -> torch.Tensor:
+        if self.kind == "hp":
+            from deepspeed.utils import safe_get_full_fp32_param
+            return safe_get_full_fp32_param(p)
+        return self._local(p)
+
+    def set(self, p, master: torch.Tensor, moments: tuple) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+        if self.kind == "hp":
+            safe_set_full_fp32_param(p, master)
+            for k, v in zip(MOMENTS, moments):
+                safe_set_full_optimizer_state(p, v, k)
+            return
+        local = self._local(p)
+        with torch.no_grad():
+            local.copy_(master)
+            for k, v in zip(MOMENTS, moments):
+                self.base.state[local][k].copy_(v)
+
+    def step_of(self, p) -> Optional[float]:
+        """Adam's step count for ``p`` (ZeRO: the count of its flat group; all groups share it)."""
+        if self.kind == "hp":
+            steps = {float(st["step"]) for st in self.base.state.values() if "step" in st}
+            return max(steps) if steps else None
+        st = self.base.state.get(self._local(p), {})
+        return float(st["step"]) if "step" in st else None
+
+    def set_step(self, p, value: float) -> None:
+        states = self.base.state.values() if self.kind == "hp" else [self.base.state[self._local(p)]]
+        for st in states:
+            old = st["step"]
+            st["step"] = old.fill_(value) if torch.is_tensor(old) else type(old)(value)
+
+
+@dataclass
+class Snapshot:
+    masters: dict        # name -> fp32 CPU tensor
+    moments: dict        # name -> (exp_avg, exp_avg_sq) CPU tensors, or None
+    steps: dict          # name -> step count or None
+    counters: dict       # engine counters to put back
+
+
+COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
+
+
+class PhaseClock:
+    """Seconds per phase of a rebuild (capture, destroy, build, prime, restore)."""
+
+    def __init__(self):
+        self.laps: dict = {}
+        self._t = self._t0 = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name], self._t = now - self._t, now
+
+    @property
+    def total(self) -> float:
+        return self._t - self._t0
+
+    def __str__(self) -> str:
+        return " ".join(f"{k} {v:.2f}" for k, v in self.laps.items())
+
+
+def host_rss_mib() -> float:
+    """This process's resident memory (DeepSpeed engines are known to leak host memory when
+    re-created in one process, DeepSpeed issue 7204: the trainer logs it after every rebuild)."""
+    import psutil
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def capture(engine) -> Snapshot:
+    """Collective: every rank, same parameter order (named_parameters is identical everywhere)."""
+    view = OptimizerView(engine)
+    masters, moments, steps = {}, {}, {}
+    for name, p in view.params:
+        master, m1, m2 = view.get(p)
+        masters[name] = master.detach().float().cpu().clone()
+        moments[name] = None if m1 is None else (m1.detach().float().cpu().clone(),
+                                                 m2.detach().float().cpu().clone())
+        steps[name] = view.step_of(p)
+    return Snapshot(masters, moments, steps, {k: getattr(engine, k) for k in COUNTERS})
+
+
+def full_weights(engine) -> dict:
+    """The model's full fp32 state dict: every parameter's master (collective under ZeRO) and the
+    module's buffers; on every rank."""
+    view = OptimizerView(engine)
+    out = {name: view.get_master(p).detach().float().cpu().clone() for name, p in view.params}
+    for name, b in engine.module.named_buffers():
+        out[name] = b.detach().cpu().clone()
+    return out
+
+
+def new_weights(request: RebuildRequest, snap: Snapshot) -> dict:
+    """fp32 value of every new parameter and buffer, per ``request.weights``."""
+    out = {n: t.detach().float().clone() if t.is_floating_point() else t.clone()
+           for n, t in request.model.state_dict().items()}
+    if request.weights == "masters":
+        for n, _ in request.model.named_parameters():
+            src = request.param_map[n]
+            if src is not None:
+                out[n] = snap.masters[src].clone()
+    return out
+
+
+@contextlib.contextmanager
+def _lr_zero(optimizer):
+    saved = [g["lr"] for g in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+    try:
+        yield
+    finally:
+        for g, lr in zip(optimizer.param_groups, saved):
+            g["lr"] = lr
+
+
+def prime(engine, optimizer, stage, dtype: torch.dtype, device) -> None:
+    """One optimizer step at lr 0 on a zero loss, so that optimizer state exists. Collective."""
+    model = engine.module
+    size = tuple(model.patch_embed.img_size)
+    example = torch.zeros(1, 3, *size, device=device, dtype=dtype)
+    was_training = model.training
+    engine.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            stage.suspended(), _lr_zero(optimizer):
+        for _ in range(engine.gradient_accumulation_steps()):   # one whole accumulation window
+            engine.backward(engine(example).float().sum() * 0.0)
+            engine.step()
+    engine.train(was_training)
+    if not OptimizerView(engine).has_state():
+        raise RuntimeError("priming the rebuilt engine created no optimizer state")
+
+
+def restore(engine, request: RebuildRequest, snap: Snapshot, weights: dict) -> None:
+    """Write masters, moments and steps into the primed engine. Each rank writes its own shard."""
+    view = OptimizerView(engine)
+    device = next(engine.module.parameters()).device
+    fresh = request.new_params()
+    carried_step = max([s for s in snap.steps.values() if s is not None], default=0.0)
+    for name, p in view.params:
+        master = weights[name].to(device)
+        src = request.param_map[name]
+        carried = snap.moments.get(src) if src is not None else None
+        zero = (request.optimizer_state == "reset" or carried is None
+                or (name in fresh and request.new_param_state == "zero"))
+        if zero:
+            moments = (torch.zeros_like(master), torch.zeros_like(master))
+        else:
+            moments = tuple(m.to(device) for m in carried)
+        view.set(p, master, moments)
+        keep = request.optimizer_state == "carry" and request.step == "carry"
+        step = snap.steps.get(src) if src is not None else None
+        view.set_step(p, (carried_step if step is None else step) if keep else 0.0)
+    for k, v in snap.counters.items():
+        setattr(engine, k, v)

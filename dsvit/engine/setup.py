@@ -1,0 +1,85 @@
+"""What the trainer is built from: the world, seeds, the completed DeepSpeed config, the optimizer
+and LR schedule (rebuilt with every engine), soft targets."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dsvit import config as C
+
+
+@dataclass
+class World:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+
+def seed_everything(seed: int) -> None:
+    import random
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def complete_ds_config(cfg: C.Config, world_size: int) -> dict:
+    """The recipe's DeepSpeed JSON, completed with batch sizes, clipping and precision."""
+    ds = C.load_ds_config(cfg)
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise C.ConfigError(f"{C.ds_config_path(cfg.run.ds_config)} has an '{key}' section: dsvit "
+                                f"builds the {key} from train.*; remove it from the JSON")
+    t = cfg.train
+    ds["train_batch_size"] = t.batch_size
+    ds["gradient_accumulation_steps"] = t.grad_accum
+    ds["train_micro_batch_size_per_gpu"] = t.batch_size // (world_size * t.grad_accum)
+    if t.clip_grad > 0:
+        ds["gradient_clipping"] = t.clip_grad
+    if cfg.run.precision != "auto":
+        ds["bf16"] = {"enabled": cfg.run.precision == "bf16"}
+        ds["fp16"] = dict(ds.get("fp16", {}), enabled=cfg.run.precision == "fp16")
+    if cfg.run.zero_stage >= 0:
+        ds.setdefault("zero_optimization", {})["stage"] = cfg.run.zero_stage
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+def model_dtype(ds_config: dict) -> torch.dtype:
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+def build_engine(model: torch.nn.Module, train: C.TrainConfig, ds_config: dict, device: torch.device):
+    """A DeepSpeed engine around ``model`` with timm's AdamW: weight-decay groups by timm's rule
+    (no decay for 1-D tensors, biases and ``model.no_weight_decay()``), recomputed for every model.
+    Returns (engine, optimizer, {parameter name: weight decay})."""
+    import deepspeed
+    import timm.optim
+    optimizer = timm.optim.create_optimizer_v2(
+        model, "adamw", lr=train.lr, weight_decay=train.weight_decay, betas=tuple(train.betas),
+        foreach=device.type == "cuda")
+    names = {id(p): n for n, p in model.named_parameters()}
+    weight_decay = {names[id(p)]: g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine, optimizer, weight_decay
+
+
+def lr_schedule(optimizer, train: C.TrainConfig, total_steps: int, steps_per_epoch: int):
+    """Warm-up + cosine per optimizer step: a pure function of the step, so a rebuilt engine or a
+    resumed run stepped to the same point has the same LR."""
+    from timm.scheduler import CosineLRScheduler
+    warmup = min(int(round(train.warmup_epochs * steps_per_epoch)), total_steps - 1)
+    return CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup), lr_min=train.min_lr,
+                             warmup_t=warmup, warmup_lr_init=train.warmup_lr, warmup_prefix=True,
+                             t_in_epochs=False)
+
+
+def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    off = smoothing / num_classes
+    return torch.full((labels.numel(), num_classes), off, device=labels.device).scatter_(
+        1, labels.view(-1, 1), 1.0 - smoothing + off)

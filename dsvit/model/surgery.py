@@ -1,0 +1,132 @@
+"""Model surgery on timm ViTs: block maps, parameter-name maps, remapped state dicts. Pure functions.
+
+A *block map* ``src`` describes a new block list through an old one: new block ``i`` is a copy of old
+block ``src[i]``. Growth by duplication, extraction of a sub-network and the identity are all block
+maps, and everything that follows the model through a change (weights, optimizer moments, EMA
+copies, token hooks keyed by block index) is remapped by the same map, never by name alone: after
+6 -> 12 growth the new ``blocks.2`` is the old ``blocks.1``.
+
+Parameters outside ``blocks`` (patch embedding, class token, position table, final norm, head) keep
+their names. Nothing here forks timm: new models come from ``timm.create_model`` with another depth
+and are filled from remapped state dicts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Optional
+
+import torch
+
+BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+# ---------------------------------------------------------------- block maps
+def identity_map(depth: int) -> list[int]:
+    return list(range(depth))
+
+
+def duplicate_last(old_depth: int, new_depth: int) -> list[int]:
+    """MoGrow's growth map (Li et al., "Automated Progressive Learning for Efficient Training of
+    Vision Transformers", CVPR 2022): with ``k = 2p - n`` the first ``k`` old blocks are kept singly
+    and each of the last ``n - p`` old blocks becomes two adjacent copies. 6 -> 8: [0,1,2,3,4,4,5,5]."""
+    p, n = old_depth, new_depth
+    if not p <= n <= 2 * p:
+        raise ValueError(f"duplication grows depth {p} to between {p} and {2 * p} blocks, not {n}")
+    k = 2 * p - n
+    return [i if i < k else (i + k) // 2 for i in range(n)]
+
+
+def extraction_map(active: list[int], old_depth: int) -> list[int]:
+    """Keep the blocks ``active`` (ascending, distinct) of an ``old_depth`` model, in order."""
+    active = [int(i) for i in active]
+    if not active or active != sorted(set(active)) or active[0] < 0 or active[-1] >= old_depth:
+        raise ValueError(f"active blocks {active} must be ascending, distinct and in [0, {old_depth})")
+    return active
+
+
+def new_positions(src: list[int]) -> list[int]:
+    """Blocks of the new list that are not the first copy of their source (the duplicates)."""
+    seen, out = set(), []
+    for i, j in enumerate(src):
+        if j in seen:
+            out.append(i)
+        seen.add(j)
+    return out
+
+
+def hook_position(old_index: int, src: list[int]) -> Optional[int]:
+    """Where a hook that ran before old block ``old_index`` runs in the new list: before the first new
+    block copied from it, else (that block was removed) before the first block from a later one."""
+    same = [i for i, j in enumerate(src) if j == old_index]
+    if same:
+        return same[0]
+    later = [i for i, j in enumerate(src) if j > old_index]
+    return later[0] if later else None
+
+
+# ---------------------------------------------------------------- names and state dicts
+def source_name(new_name: str, src: list[int]) -> str:
+    """The old name a new parameter/buffer is copied from under block map ``src``."""
+    m = BLOCK_KEY.match(new_name)
+    if m is None:
+        return new_name
+    i = int(m.group(1))
+    if i >= len(src):
+        raise KeyError(f"{new_name}: block {i} is outside a block map of {len(src)} blocks")
+    return f"blocks.{src[i]}.{m.group(2)}"
+
+
+def param_map(new_names, src: list[int], old_names) -> dict:
+    """new parameter name -> old parameter name (``None`` where the old model has no such tensor)."""
+    old = set(old_names)
+    out = {}
+    for n in new_names:
+        s = source_name(n, src)
+        out[n] = s if s in old else None
+    return out
+
+
+def remap_state_dict(old: dict, src: list[int], like: Optional[dict] = None) -> dict:
+    """State dict of the new model: ``blocks.i.*`` copied from ``blocks.src[i].*``, the rest by name.
+    ``like`` (the new model's own state dict) supplies keys and values the old one lacks."""
+    keys = like.keys() if like is not None else _remapped_keys(old, src)
+    out = {}
+    for k in keys:
+        s = source_name(k, src)
+        if s in old:
+            out[k] = old[s].detach().clone()
+        elif like is not None:
+            out[k] = like[k].detach().clone()
+        else:
+            raise KeyError(f"{k}: its source {s} is not in the old state dict")
+    return out
+
+
+def _remapped_keys(old: dict, src: list[int]) -> list[str]:
+    rest = [k for k in old if BLOCK_KEY.match(k) is None]
+    per_block = sorted({BLOCK_KEY.match(k).group(2) for k in old if BLOCK_KEY.match(k)})
+    return rest + [f"blocks.{i}.{suffix}" for i in range(len(src)) for suffix in per_block
+                   if f"blocks.{src[i]}.{suffix}" in old]
+
+
+def depth_of(model: torch.nn.Module) -> int:
+    return len(model.blocks)
+
+
+# ---------------------------------------------------------------- new models
+def build_plain(model_cfg, num_classes: int, **overrides) -> torch.nn.Module:
+    """A fresh plain timm model from ``model_cfg`` with ``overrides`` (e.g. depth=6), built without
+    touching the training RNG (timm's initialisation draws from it; a rebuild must not shift dropout
+    or augmentation streams)."""
+    from dsvit.model.vit import create_vit
+    with torch.random.fork_rng(devices=[]):
+        return create_vit(dataclasses.replace(model_cfg, **overrides), num_classes)
+
+
+def remapped_model(model_cfg, num_classes: int, old_state: dict, src: list[int],
+                   **overrides) -> torch.nn.Module:
+    """A ``len(src)``-block plain model whose weights are ``old_state`` remapped through ``src``."""
+    model = build_plain(model_cfg, num_classes, depth=len(src), **overrides)
+    model.load_state_dict(remap_state_dict(old_state, src, like=model.state_dict()))
+    return model
