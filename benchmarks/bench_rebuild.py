@@ -14,6 +14,7 @@ process's peak RSS (ru_maxrss).
 from __future__ import annotations
 
 import argparse
+import itertools
 import resource
 import statistics
 import sys
@@ -29,6 +30,9 @@ def main() -> int:
     ap.add_argument("--model", default="vit_small_patch16_224")
     ap.add_argument("--img", type=int, default=224)
     ap.add_argument("--depth", type=int, default=12)
+    ap.add_argument("--width", type=int, default=384)
+    ap.add_argument("--heads", type=int, default=6)
+    ap.add_argument("--patch", type=int, default=16)
     ap.add_argument("--grow-to", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--local_rank", type=int, default=0)
@@ -39,13 +43,15 @@ def main() -> int:
     from dsvit.cli import _init_distributed
     from dsvit.data.memory import MemoryEvalData, MemoryTrainData, random_dataset
     from dsvit.engine import rebuild as rb
+    from dsvit.engine.plugin import Plugin
     from dsvit.engine.trainer import Trainer
     from dsvit.model import surgery
 
     world = _init_distributed(None)
     overrides = [f"run.dir={tempfile.mkdtemp(prefix='bench_rebuild_')}", "run.ds_config=zero0",
                  f"run.zero_stage={args.zero}", "run.precision=fp32", f"model.name={args.model}",
-                 f"model.img_size={args.img}", f"model.depth={args.depth}", "model.num_classes=10",
+                 f"model.img_size={args.img}", f"model.depth={args.depth}", f"model.embed_dim={args.width}",
+                 f"model.num_heads={args.heads}", f"model.patch_size={args.patch}", "model.num_classes=10",
                  f"train.batch_size={2 * world.world_size}", f"train.eval_batch_size={2 * world.world_size}",
                  "train.epochs=100", "log.tensorboard=false", "log.progress=false"]
     cfg = C.load_config("default", overrides)
@@ -53,9 +59,15 @@ def main() -> int:
     images, labels = random_dataset(8 * world.world_size, args.img, 10, seed=1)
     train = MemoryTrainData(images, labels, rank=world.rank, world_size=world.world_size, local_batch=2)
     ev = MemoryEvalData(images[:2], labels[:2], rank=world.rank, world_size=world.world_size, local_batch=2)
-    trainer = Trainer(cfg, world, [], train_data=train, eval_data=ev, num_classes=10)
+    class Depth(Plugin):   # declares the depth it asks for, as a growth plugin does
+        name, depth = "bench", 0
+
+        def architecture(self):
+            return {"depth": self.depth} if self.depth else {}
+    depth = Depth(None)
+    trainer = Trainer(cfg, world, [depth], train_data=train, eval_data=ev, num_classes=10)
     trainer.engine.train()
-    batches = iter(train.epoch_batches(0))
+    batches = itertools.cycle(list(train.epoch_batches(0)))
     trainer.train_step(lambda: next(batches))
     params = sum(p.numel() for p in trainer.engine.module.parameters())
     if world.rank == 0:
@@ -72,7 +84,9 @@ def main() -> int:
         new = surgery.build_plain(trainer.model_cfg, 10, depth=new_depth)
         pmap = surgery.param_map([n for n, _ in new.named_parameters()], src,
                                  [n for n, _ in model.named_parameters()])
-        request = rb.RebuildRequest(model=new, param_map=pmap, arch={"depth": new_depth}, block_map=src,
+        if new_depth != old_depth:
+            depth.depth = new_depth
+        request = rb.RebuildRequest(model=new, param_map=pmap, arch=depth.architecture(), block_map=src,
                                     weights="masters", requested_by="bench")
         trainer.rebuild(request)
         times = trainer.last_rebuild_times

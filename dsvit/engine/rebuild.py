@@ -9,8 +9,10 @@
    Adam's ``step`` counter is not exposed by the helpers: it is read on the base optimizer.
 2. The old engine is destroyed; the new model gets the request's fp32 weights; a new engine is built
    with the same DeepSpeed config and timm's weight-decay groups recomputed on the new model.
-3. ``prime``: optimizer state only exists after a first ``step()``, so one step runs at lr 0 on a
-   zero loss (eval mode, token hooks suspended, RNG untouched): weights do not move.
+3. ``prime``: optimizer state only exists after a first ``step()``. Under ZeRO-0 fp32 and ZeRO-1/2
+   the empty Adam state is created directly (what torch's AdamW creates at its first step); for the
+   others one step runs at lr 0 on a zero loss (eval mode, token hooks suspended, RNG untouched):
+   weights do not move.
 4. ``restore``: every new parameter gets its fp32 master from the request (never a stale master:
    under bf16 the engine builds masters from the bf16-cast module) and its moments from its source
    in ``param_map`` (new name -> old name; block indices remapped by the block map, never matched by
@@ -254,17 +256,60 @@ def _lr_zero(optimizer):
             g["lr"] = lr
 
 
-def prime(engine, optimizer, stage, dtype: torch.dtype, device) -> None:
-    """One optimizer step at lr 0 on a zero loss, so that optimizer state exists. Collective."""
+def _adam_state(param: torch.Tensor, amsgrad: bool) -> dict:
+    """What torch's Adam/AdamW creates for a parameter at its first step (non-fused, non-capturable)."""
+    scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    state = {"step": torch.tensor(0.0, dtype=scalar),
+             "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+             "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format)}
+    if amsgrad:
+        state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    return state
+
+
+def _create_state(engine) -> bool:
+    """Create empty Adam state where its tensors are plain to reach: ZeRO-0 fp32 (the torch optimizer
+    itself) and ZeRO-1/2 (one state per flat fp32 partition, then the fragments are linked). Returns
+    False for the others (ZeRO-3, the bf16 optimizers), which are primed with a step instead.
+
+    Why not always a step: on ViT-S/16 (21.7M parameters, ZeRO-2, one CPU thread) the lr-0 step was
+    0.56-1.2 s of a 1.3-2.1 s rebuild, nearly all of it Adam arithmetic whose result ``restore``
+    overwrites (``python benchmarks/bench_rebuild.py``, cProfile)."""
+    view = OptimizerView(engine)
+    opt = engine.optimizer
+    if view.kind == "plain":
+        targets = [(p, g) for g in view.base.param_groups for p in g["params"]]
+    elif view.kind == "hp" and hasattr(opt, "single_partition_of_fp32_groups"):
+        targets = list(zip(opt.single_partition_of_fp32_groups, view.base.param_groups))
+    else:
+        return False
+    if any(not isinstance(view.base, (torch.optim.Adam, torch.optim.AdamW)) for _ in targets[:1]):
+        return False
+    for p, group in targets:
+        view.base.state[p] = _adam_state(p, group.get("amsgrad", False))
+    OptimizerView(engine)   # links the fragments (relink) now that the state exists
+    return True
+
+
+def prime(engine, optimizer, stage, dtype: torch.dtype, device, zero3: bool) -> None:
+    """Make the optimizer state of a new engine exist, without moving weights. Collective.
+
+    Where ``_create_state`` cannot, one optimizer step runs at lr 0 on a zero loss (eval mode, token
+    hooks suspended, RNG untouched): outside ZeRO-3 the zero gradients come from ``sum(p * 0)`` over
+    the parameters; ZeRO-3 gathers parameters only inside the module's forward, so there the model
+    runs on a blank image."""
+    if _create_state(engine):
+        return
     model = engine.module
-    size = tuple(model.patch_embed.img_size)
-    example = torch.zeros(1, 3, *size, device=device, dtype=dtype)
+    example = torch.zeros(1, 3, *tuple(model.patch_embed.img_size), device=device, dtype=dtype)
     was_training = model.training
     engine.eval()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
             stage.suspended(), _lr_zero(optimizer):
         for _ in range(engine.gradient_accumulation_steps()):   # one whole accumulation window
-            engine.backward(engine(example).float().sum() * 0.0)
+            loss = engine(example).float().sum() * 0.0 if zero3 else \
+                sum((p * 0.0).sum() for p in model.parameters()).float()
+            engine.backward(loss)
             engine.step()
     engine.train(was_training)
     if not OptimizerView(engine).has_state():

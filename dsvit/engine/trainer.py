@@ -204,7 +204,8 @@ class Trainer:
             self.stage.remap_blocks(request.block_map)
         self.engine, self.optimizer, self.lr_schedule = self._new_engine(model)
         clock.lap("build")
-        rb.prime(self.engine, self.optimizer, self.stage, self.model_dtype, self.device)
+        rb.prime(self.engine, self.optimizer, self.stage, self.model_dtype, self.device,
+                 self.zero_stage == 3)
         clock.lap("prime")
         rb.restore(self.engine, request, snap, weights)
         self.lr_schedule.step_update(s.step)
