@@ -69,7 +69,7 @@ def main() -> int:
     trainer.engine.train()
     batches = itertools.cycle(list(train.epoch_batches(0)))
     trainer.train_step(lambda: next(batches))
-    params = sum(p.numel() for p in trainer.engine.module.parameters())
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.engine.module.parameters())
     if world.rank == 0:
         print(f"{args.model} depth {args.depth} img {args.img} ({params / 1e6:.1f}M params), ZeRO "
               f"{args.zero}, {world.world_size} rank(s), fp32, torch threads {torch.get_num_threads()}, "

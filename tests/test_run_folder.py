@@ -111,3 +111,11 @@ def test_finished_run_resumed_reports_its_accuracy(tmp_path):
     assert again.returncode == 0, again.stdout + again.stderr
     assert [l for l in again.stdout.splitlines() if l.startswith("final top-1")] == top1
     assert "nan" not in top1[0]
+
+
+def test_unwritable_run_dir_is_named(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    proc = launch(blocker / "run", ["run.max_steps=1"], check=False)
+    assert proc.returncode != 0
+    assert f"run.dir={blocker / 'run'} cannot be written" in proc.stdout + proc.stderr

@@ -233,10 +233,11 @@ class Trainer:
                                f"plugin's architecture() must describe the model it requested")
 
     def _destroy_engine(self) -> None:
-        self.engine.destroy()
+        rb.release(self.engine)
         self.engine = self.optimizer = self.lr_schedule = self.state.model = None
         gc.collect()
         self.accel.empty_cache()
+        rb.trim_host_heap()
 
     # ------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
