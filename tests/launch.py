@@ -57,8 +57,11 @@ def loss_trace(run_dir: Path) -> dict[int, float]:
 
 def checkpoint_contents(tag_dir: Path) -> dict:
     """Every file of a checkpoint tag loaded, minus things that legitimately differ between runs."""
+    from safetensors.torch import load_file
     out = {}
     for f in sorted(Path(tag_dir).iterdir()):
+        if f.suffix == ".safetensors":
+            out[f.name] = load_file(str(f))
         if f.suffix == ".pt":
             data = torch.load(f, map_location="cpu", weights_only=False)
             if isinstance(data, dict):

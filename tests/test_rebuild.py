@@ -55,9 +55,9 @@ def expected_weight_decay(name, shape, no_decay, wd):
 def test_growth_carries_weights_and_adam_state(tmp_path, stage, world_size):
     """Depth 2 -> 3 by duplicating the last block after step 2, on every rank: fp32 masters equal the
     request's values, moments and step equal their source's before the rebuild, weight decay follows
-    timm's rule on the new model, the LR is the uninterrupted schedule's."""
+    timm's rule on the new model, the LR is the uninterrupted schedule's, the EMA is remapped."""
     run = tmp_path / "grow"
-    launch(run, ["run.max_steps=3", f"run.zero_stage={stage}", "run.precision=fp32",
+    launch(run, ["run.max_steps=3", f"run.zero_stage={stage}", "run.precision=fp32", "train.ema_decay=0.9",
                  *probe([2], grow_by=1, weights="request")], world_size, extra=["--dump-rebuilds"])
     src = surgery.duplicate_last(2, 3)
     assert src == [0, 1, 1]
@@ -76,6 +76,8 @@ def test_growth_carries_weights_and_adam_state(tmp_path, stage, world_size):
                 name, master.shape, set(d["no_weight_decay"]), 0.05), name
         assert d["lr_after"] == pytest.approx(d["lr_before"], rel=0, abs=0)
         assert after["counters"] == before["counters"]
+        for name, value in d["ema_after"].items():      # the EMA grows by the same block map
+            assert torch.equal(value, d["ema_before"][surgery.source_name(name, src)]), name
     marker = json.loads((run / "checkpoints" / "step00000003" / "COMPLETE").read_text())
     assert marker["architecture"] == {"depth": 3}
     assert sorted(loss_trace(run)) == [1, 2, 3]
@@ -104,12 +106,17 @@ def test_growth_state_policies(tmp_path, options, moments, step):
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_checkpoint_of_grown_model_resumes_exactly(tmp_path, world_size):
     """Grow after step 2 and again after step 4; stop at step 3 (a grown checkpoint), resume in a new
-    process: the model is rebuilt at depth 3 before loading, and the rest is bit-identical."""
-    check_resume_equivalence(tmp_path, ["run.zero_stage=2", *probe([2, 4], grow_by=1)], world_size)
+    process: the model is rebuilt at depth 3 before loading, and the rest (EMA included, remapped
+    by the same block map at each growth) is bit-identical."""
+    check_resume_equivalence(tmp_path, ["run.zero_stage=2", "train.ema_decay=0.9",
+                                        *probe([2, 4], grow_by=1)], world_size)
     marker = json.loads((tmp_path / "resumed2" / "checkpoints" / "step00000006" / "COMPLETE").read_text()
                         if world_size == 2 else
                         (tmp_path / "resumed1" / "checkpoints" / "step00000006" / "COMPLETE").read_text())
     assert marker["architecture"] == {"depth": 4}
+    from safetensors.torch import load_file
+    ema = load_file(str(tmp_path / f"resumed{world_size}" / "checkpoints" / "step00000006" / "ema.safetensors"))
+    assert "blocks.3.attn.qkv.weight" in ema and "blocks.4.attn.qkv.weight" not in ema
 
 
 def test_ten_rebuilds_keep_host_memory_flat(tmp_path):

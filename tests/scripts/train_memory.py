@@ -43,6 +43,7 @@ def dump_rebuilds(trainer, run_dir, rank):
         count[0] += 1
         lr_before = [g["lr"] for g in trainer.optimizer.param_groups]
         supplied = {k: v.detach().clone() for k, v in request.model.state_dict().items()}
+        ema_before = trainer.ema.state_dict() if trainer.ema is not None else None
         before = rb.capture(trainer.engine)
         rebuild(request)
         after = rb.capture(trainer.engine)
@@ -50,7 +51,8 @@ def dump_rebuilds(trainer, run_dir, rank):
                     "weight_decay": trainer.weight_decay,
                     "lr_after": [g["lr"] for g in trainer.optimizer.param_groups], "param_map": request.param_map,
                     "block_map": request.block_map, "fresh": sorted(request.new_params()),
-                    "request": supplied,
+                    "request": supplied, "ema_before": ema_before,
+                    "ema_after": trainer.ema.state_dict() if trainer.ema is not None else None,
                     "no_weight_decay": sorted(trainer.engine.module.no_weight_decay()),
                     "rss_mib": rb.host_rss_mib(), "step": trainer.state.step},
                    os.path.join(run_dir, f"rebuild{count[0]}_rank{rank}.pt"))
