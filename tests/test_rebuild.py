@@ -110,12 +110,10 @@ def test_checkpoint_of_grown_model_resumes_exactly(tmp_path, world_size):
     by the same block map at each growth) is bit-identical."""
     check_resume_equivalence(tmp_path, ["run.zero_stage=2", "train.ema_decay=0.9",
                                         *probe([2, 4], grow_by=1)], world_size)
-    marker = json.loads((tmp_path / "resumed2" / "checkpoints" / "step00000006" / "COMPLETE").read_text()
-                        if world_size == 2 else
-                        (tmp_path / "resumed1" / "checkpoints" / "step00000006" / "COMPLETE").read_text())
-    assert marker["architecture"] == {"depth": 4}
+    tag = tmp_path / f"resumed{world_size}" / "checkpoints" / "step00000006"
+    assert json.loads((tag / "COMPLETE").read_text())["architecture"] == {"depth": 4}
     from safetensors.torch import load_file
-    ema = load_file(str(tmp_path / f"resumed{world_size}" / "checkpoints" / "step00000006" / "ema.safetensors"))
+    ema = load_file(str(tag / "ema.safetensors"))
     assert "blocks.3.attn.qkv.weight" in ema and "blocks.4.attn.qkv.weight" not in ema
 
 

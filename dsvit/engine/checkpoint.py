@@ -12,7 +12,7 @@ Layout under ``RUN_DIR/checkpoints/``::
                              fingerprint of the run, its run id, and every file's size
     latest                   name of the newest complete tag (atomic replace)
 
-A run killed at any moment leaves at worst a tag without ``COMPLETE``; ``find_latest`` never picks
+A run killed at any moment leaves at worst a tag without ``COMPLETE``; ``find_resumable`` never picks
 it, and the next successful save removes it. DeepSpeed's own ``latest`` file is not used because it
 is written before the other ranks are known to have finished. A tag whose files do not have the sizes
 its marker recorded (truncated, half copied) is skipped by ``resume=auto`` with a warning.
@@ -84,11 +84,6 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
     if not ckpt_dir.is_dir():
         return []
     return sorted(p.name for p in ckpt_dir.iterdir() if (p / MARKER).is_file())
-
-
-def find_latest(ckpt_dir: Path) -> Optional[Path]:
-    tags = complete_tags(ckpt_dir)
-    return ckpt_dir / tags[-1] if tags else None
 
 
 def read_marker(tag_dir: Path) -> dict:

@@ -159,13 +159,13 @@ class OptimizerView:
 
     def step_of(self, p) -> Optional[float]:
         """Adam's step count for ``p`` (ZeRO: the count of its flat group; all groups share it)."""
-        if self.kind == "hp":
-            steps = {float(st["step"]) for st in self.base.state.values() if "step" in st}
-            return max(steps) if steps else None
-        st = self.base.state.get(self._local(p), {})
-        return float(st["step"]) if "step" in st else None
+        states = self.base.state.values() if self.kind == "hp" else [self.base.state.get(self._local(p), {})]
+        steps = [float(st["step"]) for st in states if "step" in st]
+        return max(steps) if steps else None
 
     def set_step(self, p, value: float) -> None:
+        """Set ``p``'s step count; ZeRO keeps one per flat group, so there ``p`` is ignored and every
+        group gets ``value`` (call it once)."""
         states = self.base.state.values() if self.kind == "hp" else [self.base.state[self._local(p)]]
         for st in states:
             old = st["step"]
@@ -243,12 +243,13 @@ def capture(engine) -> Snapshot:
     """Collective: every rank, same parameter order (named_parameters is identical everywhere)."""
     view = OptimizerView(engine)
     masters, moments, steps = {}, {}, {}
+    shared_step = view.step_of(None) if view.kind == "hp" else None   # one count for all groups
     for name, p in view.params:
         master, m1, m2 = view.get(p)
         masters[name] = master.detach().float().cpu().clone()
         moments[name] = None if m1 is None else (m1.detach().float().cpu().clone(),
                                                  m2.detach().float().cpu().clone())
-        steps[name] = view.step_of(p)
+        steps[name] = shared_step if view.kind == "hp" else view.step_of(p)
     return Snapshot(masters, moments, steps, {k: getattr(engine, k) for k in COUNTERS})
 
 
@@ -303,8 +304,8 @@ def _create_state(engine) -> bool:
     False for the others (ZeRO-3, the bf16 optimizers), which are primed with a step instead.
 
     Why not always a step: on ViT-S/16 (21.7M parameters, ZeRO-2, one CPU thread) the lr-0 step was
-    0.56-1.2 s of a 1.3-2.1 s rebuild, nearly all of it Adam arithmetic whose result ``restore``
-    overwrites (``python benchmarks/bench_rebuild.py``, cProfile)."""
+    0.56-1.2 s of a 1.3-2.1 s rebuild (the ``prime`` column of ``benchmarks/bench_rebuild.py``),
+    nearly all of it Adam arithmetic whose result ``restore`` overwrites (a one-off cProfile)."""
     view = OptimizerView(engine)
     opt = engine.optimizer
     if view.kind == "plain":
@@ -352,6 +353,7 @@ def restore(engine, request: RebuildRequest, snap: Snapshot, weights: dict) -> N
     device = next(engine.module.parameters()).device
     fresh = request.new_params()
     carried_step = max([s for s in snap.steps.values() if s is not None], default=0.0)
+    keep = request.optimizer_state == "carry" and request.step == "carry"
     for name, p in view.params:
         master = weights[name].to(device)
         src = request.param_map[name]
@@ -363,8 +365,10 @@ def restore(engine, request: RebuildRequest, snap: Snapshot, weights: dict) -> N
         else:
             moments = tuple(m.to(device) for m in carried)
         view.set(p, master, moments)
-        keep = request.optimizer_state == "carry" and request.step == "carry"
-        step = snap.steps.get(src) if src is not None else None
-        view.set_step(p, (carried_step if step is None else step) if keep else 0.0)
+        if view.kind != "hp":
+            step = snap.steps.get(src) if src is not None else None
+            view.set_step(p, (carried_step if step is None else step) if keep else 0.0)
+    if view.kind == "hp":
+        view.set_step(None, carried_step if keep else 0.0)
     for k, v in snap.counters.items():
         setattr(engine, k, v)

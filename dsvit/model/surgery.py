@@ -87,31 +87,11 @@ def param_map(new_names, src: list[int], old_names) -> dict:
     return out
 
 
-def remap_state_dict(old: dict, src: list[int], like: Optional[dict] = None) -> dict:
+def remap_state_dict(old: dict, src: list[int], like: dict) -> dict:
     """State dict of the new model: ``blocks.i.*`` copied from ``blocks.src[i].*``, the rest by name.
-    ``like`` (the new model's own state dict) supplies keys and values the old one lacks."""
-    keys = like.keys() if like is not None else _remapped_keys(old, src)
-    out = {}
-    for k in keys:
-        s = source_name(k, src)
-        if s in old:
-            out[k] = old[s].detach().clone()
-        elif like is not None:
-            out[k] = like[k].detach().clone()
-        else:
-            raise KeyError(f"{k}: its source {s} is not in the old state dict")
-    return out
-
-
-def _remapped_keys(old: dict, src: list[int]) -> list[str]:
-    rest = [k for k in old if BLOCK_KEY.match(k) is None]
-    per_block = sorted({BLOCK_KEY.match(k).group(2) for k in old if BLOCK_KEY.match(k)})
-    return rest + [f"blocks.{i}.{suffix}" for i in range(len(src)) for suffix in per_block
-                   if f"blocks.{src[i]}.{suffix}" in old]
-
-
-def depth_of(model: torch.nn.Module) -> int:
-    return len(model.blocks)
+    ``like`` (the new model's own state dict) gives the keys, and the values the old one lacks."""
+    return {k: (old[s] if s in old else v).detach().clone()
+            for k, v in like.items() for s in [source_name(k, src)]}
 
 
 # ---------------------------------------------------------------- new models
