@@ -48,6 +48,7 @@ class ModelConfig:
     drop_path_rate: float = 0.0
     global_pool: str = "token"
     grad_checkpointing: bool = False
+    dynamic_img_size: bool = False     # inputs of any size divisible by the patch (one position table)
 
 
 @dataclass

@@ -8,7 +8,7 @@ plugin class carries ``config_class``, a dataclass with at least ``enabled: bool
 from __future__ import annotations
 
 REGISTRY: dict = {}
-BUILTIN = ("patch_sampling", "token_expansion", "visualize")
+BUILTIN = ("patch_sampling", "progressive", "token_expansion", "visualize")
 
 
 def register(cls):

@@ -22,6 +22,9 @@ class MemoryTrainData:
         per_epoch = active_samples // (self.local_batch * self.world_size)
         return per_epoch - per_epoch % self.multiple
 
+    def set_augmentation(self, auto_augment: str, reprob: float) -> None:
+        """In-memory samples are used as stored: there is no augmentation to change."""
+
     def set_keep_set(self, keep) -> None:
         """Train on the samples whose ``keep[uid]`` is true from the next epoch on (None: all)."""
         self.keep = None if keep is None else torch.as_tensor(keep, dtype=torch.bool)

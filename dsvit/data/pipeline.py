@@ -45,6 +45,7 @@ is the stream itself (``StreamPlan``, ``RankStream``); ``dsvit.data.tar_reader``
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -147,6 +148,13 @@ class TrainData:
         self.normalize, self.eraser = BatchNormalize(cfg.mean, cfg.std), build_eraser(cfg)
         self._counters = dict.fromkeys(TRAIN_COUNTERS, 0)
         self.set_keep_set(None)
+
+    def set_augmentation(self, auto_augment: str, reprob: float) -> None:
+        """Train with another RandAugment policy string and random-erasing probability from the next
+        ``epoch_batches`` call on (a plugin's per-stage regularisation); the config is not changed."""
+        aug = dataclasses.replace(self.cfg, auto_augment=auto_augment, reprob=reprob)
+        self.transform = build_train_transform(aug, self.img_size)
+        self.eraser = build_eraser(aug)
 
     def set_keep_set(self, keep):
         if keep is not None:

@@ -24,6 +24,10 @@ Rules the engine enforces:
   (identical on every rank: saved once; the trainer checks equality across ranks when saving) or
   ``per_rank`` (saved per rank; then a resume needs the same world size). ``state_dict()`` holds
   tensors, numbers, strings and containers only, so checkpoints load with ``weights_only=True``.
+- ``configure(cfg)`` is called once, before anything else, with the whole (read-only) config: a
+  plugin reads there what it needs beyond its own section (e.g. the model's depth).
+- A replicated plugin may also keep per-rank state (``rank_state_dict``/``load_rank_state_dict``,
+  e.g. a rank's own batches): saved per rank next to the RNG state.
 - ``architecture()`` returns the model-config overrides the plugin's current state implies (e.g. a
   grown depth); the model is built from them at start and at resume, before the engine exists.
 - ``plan_epochs(num_samples, epochs)``: a data plugin declares the active sample count of every
@@ -124,6 +128,15 @@ class Plugin:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def configure(self, cfg: Any) -> None:
+        pass
+
+    def rank_state_dict(self) -> dict:
+        return {}
+
+    def load_rank_state_dict(self, state: dict) -> None:
+        pass
+
     def architecture(self) -> dict:
         return {}
 
@@ -167,9 +180,17 @@ class PluginSet:
             fn(state)
         state.event = state.plugin = ""
 
+    def configure(self, cfg) -> None:
+        for p in self.plugins:
+            p.configure(cfg)
+
     # ---- state: replicated once, per-rank per rank
     def state_dict(self, scope: str) -> dict:
-        return {p.name: p.state_dict() for p in self.plugins if p.state_scope == scope}
+        out = {p.name: p.state_dict() for p in self.plugins if p.state_scope == scope}
+        if scope == "per_rank":   # the per-rank part of replicated plugins
+            out.update({p.name: st for p in self.plugins if p.state_scope == "replicated"
+                        for st in [p.rank_state_dict()] if st})
+        return out
 
     def load_state_dict(self, replicated: dict, per_rank: dict) -> None:
         for p in self.plugins:
@@ -179,6 +200,8 @@ class PluginSet:
                     f"checkpoint has no state for plugin '{p.name}': it was written by a run with other "
                     f"plugins; resume with the same plugins, or start fresh (checkpoint.resume='')")
             p.load_state_dict(states[p.name])
+            if p.state_scope == "replicated":
+                p.load_rank_state_dict(per_rank.get(p.name, {}))
 
     # ---- what the plugins declare about the model and the data
     def architecture(self) -> dict:

@@ -83,3 +83,18 @@ def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float) -> to
     off = smoothing / num_classes
     return torch.full((labels.numel(), num_classes), off, device=labels.device).scatter_(
         1, labels.view(-1, 1), 1.0 - smoothing + off)
+
+
+def clear_stale_zero3_grads(engine) -> None:
+    """Zero ZeRO-3's gradient partitions after an optimizer step.
+
+    DeepSpeed 0.19.8's ZeRO-3 copies each reduced gradient into its slot of one flat partition
+    buffer and never clears a slot: a parameter that takes no part in a step (a block a supernet
+    skips) is stepped again with its previous gradient. Found by an engine with layers ``a, b``
+    stepping once with both and once with ``a`` only: ZeRO-2 moves ``b`` by Adam's decaying
+    momentum (zero gradient), ZeRO-3 by a full second update (``b.weight[0,0]`` 0.3486 vs 0.3787).
+    Every used parameter's slot is overwritten at the next step's first micro-batch, so clearing
+    costs one memset and changes nothing else. Optimizer offload keeps its gradients elsewhere."""
+    buffer = getattr(engine.optimizer, "grad_partitions_flat_buffer", None)
+    if buffer is not None:
+        buffer.zero_()

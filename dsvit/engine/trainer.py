@@ -33,8 +33,8 @@ from dsvit.engine.evaluate import evaluate_model
 from dsvit.engine.logging import RunLogger, log
 from dsvit.engine.meter import StepMeter, log_data_counters
 from dsvit.engine.plugin import REBUILD_EVENTS, Batch, PluginSet, State
-from dsvit.engine.setup import (World, build_engine, complete_ds_config, lr_schedule, model_dtype,
-                                seed_everything, soft_targets)
+from dsvit.engine.setup import (World, build_engine, clear_stale_zero3_grads, complete_ds_config,
+                                lr_schedule, model_dtype, seed_everything, soft_targets)
 from dsvit.model import surgery
 from dsvit.model.vit import build_model, create_vit
 
@@ -60,6 +60,7 @@ class Trainer:
         cfg.model.num_classes = num_classes   # the data's class count is the effective one
         t = cfg.train
         self.plugins = PluginSet(plugins)
+        self.plugins.configure(cfg)
         self.state = State(cfg=cfg, rank=world.rank, world_size=world.world_size, data=self.train_data,
                            num_classes=num_classes)
         self.base_steps_per_epoch = self.train_data.batches_per_epoch // t.grad_accum
@@ -337,6 +338,8 @@ class Trainer:
             wait = time.perf_counter() - t0
             self.meter.micro_batch(self.train_micro_batch(self._batch(images, labels, uids)), wait,
                                    self.stage.mean_block_tokens)
+        if self.zero_stage == 3:
+            clear_stale_zero3_grads(self.engine)
         s.step += 1
         s.step_in_epoch += 1
         self.lr_schedule.step_update(s.step)

@@ -55,6 +55,19 @@ def new_positions(src: list[int]) -> list[int]:
     return out
 
 
+def supernet_active(base: int, max_depth: int, depth: int) -> list[int]:
+    """Blocks of a ``base -> max_depth`` MoGrown supernet that form its depth-``depth`` sub-network
+    (AutoProg's elastic supernet): every first copy plus the last ``depth - base`` duplicates. Read
+    in order, their sources are ``duplicate_last(base, depth)``: the sub-network is "MoGrow from
+    ``base`` straight to ``depth``", and ``depth = base`` is the pre-growth model."""
+    if not base <= depth <= max_depth:
+        raise ValueError(f"a sub-network of a {base} -> {max_depth} supernet has between {base} and "
+                         f"{max_depth} blocks, not {depth}")
+    dups = new_positions(duplicate_last(base, max_depth))
+    skip = set(dups[:len(dups) - (depth - base)])
+    return [i for i in range(max_depth) if i not in skip]
+
+
 def hook_position(old_index: int, src: list[int]) -> Optional[int]:
     """Where a hook that ran before old block ``old_index`` runs in the new list: before the first new
     block copied from it, else (that block was removed) before the first block from a later one."""
@@ -92,6 +105,17 @@ def remap_state_dict(old: dict, src: list[int], like: dict) -> dict:
     ``like`` (the new model's own state dict) gives the keys, and the values the old one lacks."""
     return {k: (old[s] if s in old else v).detach().clone()
             for k, v in like.items() for s in [source_name(k, src)]}
+
+
+def set_drop_path(model: torch.nn.Module, rate: float, span: Optional[int] = None) -> None:
+    """Stochastic depth laid out linearly, ``rate * i / (span - 1)`` for block i (``span``: the
+    depth the layout covers, default the model's; a supernet lays it over all its blocks). Only
+    blocks built with a DropPath module (timm builds them where the build-time rate is > 0) change."""
+    span = span or len(model.blocks)
+    for i, blk in enumerate(model.blocks):
+        for mod in (getattr(blk, "drop_path1", None), getattr(blk, "drop_path2", None)):
+            if mod is not None and hasattr(mod, "drop_prob"):
+                mod.drop_prob = rate * i / max(1, span - 1)
 
 
 # ---------------------------------------------------------------- new models

@@ -9,6 +9,12 @@ and calls registered hooks in between:
   block 1; token pruning; growth may change the block list itself);
 - ``attn_mask[i]``: ``fn(x, stage) -> additive float mask or None`` passed to block i's attention.
 
+Elastic depth: ``stage.active_blocks`` (ascending block indices, ``None`` = all) runs only those
+blocks; the others act as the identity (a supernet's sub-network, AutoProg). Hooks keyed to an
+inactive block run before the next active one, so a token selection before block 1 still happens
+when block 1 is skipped. Checkpointing stays per active block: timm's ``checkpoint_seq`` would run
+every block regardless of a skip set.
+
 Hooks run *outside* activation checkpointing (only each block's own forward is checkpointed), so a
 token selection is never recomputed during the backward, and it acts whether or not checkpointing is
 on (the original ToE silently did nothing under timm's checkpoint_seq).
@@ -48,6 +54,7 @@ class TokenStage:
         self.training = True           # the running model's mode; hooks gate on it
         self.mean_block_tokens = 0.0   # mean sequence length over blocks in the last forward
         self.enabled = True            # False: the plain timm loop (suspended())
+        self.active_blocks = None      # elastic depth: block indices to run (None: all)
 
     # ------------------------------------------------------------ wiring
     def attach(self, model: torch.nn.Module, primary: bool = True) -> "TokenStage":
@@ -132,14 +139,17 @@ class TokenStage:
     # ------------------------------------------------------------ the loop
     def run_blocks(self, model, x: torch.Tensor) -> torch.Tensor:
         ckpt = model.grad_checkpointing and torch.is_grad_enabled()
-        tokens = 0
-        for i, blk in enumerate(model.blocks):
+        tokens, run, done = 0, self._block_order(len(model.blocks)), 0
+        for i in run:
             mask = None
             if self.enabled:
-                for fn in self.before_block.get(i, ()):
-                    x = fn(x, self)
+                for j in range(done, i + 1):        # hooks of skipped blocks run here too
+                    for fn in self.before_block.get(j, ()):
+                        x = fn(x, self)
+                done = i + 1
                 mask_fn = self.attn_mask.get(i)
                 mask = mask_fn(x, self) if mask_fn is not None else None
+            blk = model.blocks[i]
             if ckpt:
                 if self.checkpoint_fn is not None:
                     x = self.checkpoint_fn(blk, x, mask)
@@ -148,8 +158,17 @@ class TokenStage:
             else:
                 x = _block_forward(blk, x, mask)
             tokens += x.shape[1]
-        self.mean_block_tokens = tokens / max(1, len(model.blocks))
+        self.mean_block_tokens = tokens / max(1, len(run))
         return x
+
+    def _block_order(self, depth: int) -> list:
+        if self.active_blocks is None:
+            return range(depth)
+        bad = [i for i in self.active_blocks if not 0 <= i < depth]
+        if bad or list(self.active_blocks) != sorted(set(self.active_blocks)):
+            raise ValueError(f"active blocks {self.active_blocks} must be ascending, distinct and in "
+                             f"[0, {depth})")
+        return list(self.active_blocks)
 
 
 def take_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,8 @@ def timm_kwargs(cfg: ModelConfig, num_classes: int) -> dict:
         value = getattr(cfg, key)
         if value is not None:
             kw[key] = value
+    if cfg.dynamic_img_size:   # resampled per forward from the one full-size table (never replaced)
+        kw["dynamic_img_size"] = True
     return kw
 
 
