@@ -311,6 +311,8 @@ class ProgressiveGrowth(Plugin):
             log.scalar(f"{tag}/score", score)
             lines.append(f"r{r} d{d}: loss {loss:.4f} cost {cost:.4g} score {score:.4f}")
         log.scalar(f"growth/search{record['stage']}/w", record["w"])
+        log.scalar(f"growth/search{record['stage']}/chosen_depth", record["depth"])
+        log.scalar(f"growth/search{record['stage']}/chosen_resolution", record["resolution"])
         log.info("AutoProg search %d at step %d (w %.3f): %s -> resolution %d, depth %d", record["stage"],
                  record["step"], record["w"], "; ".join(lines), record["resolution"], record["depth"])
 
