@@ -47,8 +47,10 @@ class WeightEMA:
                 d.copy_(s.float())
 
     @torch.no_grad()
-    def update(self) -> None:
-        with self._gathered():
+    def update(self, gathered: bool = False) -> None:
+        """``gathered``: the caller already gathers the ZeRO-3 source parameters (several averages of
+        one model share one all-gather)."""
+        with contextlib.nullcontext() if gathered else self._gathered():
             torch._foreach_lerp_(self._dst, [p.detach().float() for p in self._src], 1.0 - self.decay)
 
     def state_dict(self) -> dict:

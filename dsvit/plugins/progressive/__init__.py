@@ -73,6 +73,7 @@ class ProgressiveGrowth(Plugin):
         self._loaded_copies = None
         self._pending = None               # momentum states waiting for the rebuilt engine
         self.step_res = self.step_depth = 0
+        self._sampled = None               # the step's sub-network while an evaluation runs
 
     # ------------------------------------------------------------ setup
     def configure(self, cfg) -> None:
@@ -290,6 +291,14 @@ class ProgressiveGrowth(Plugin):
             log.scalar("growth/depth", self.step_depth)
             log.scalar("growth/resolution", self.step_res)
             log.scalar("growth/tokens_per_image", (self.step_res // self.patch) ** 2 + 1)
+
+    def on_eval_start(self, state) -> None:
+        """Evaluation inside a search runs the whole supernet (at the full input size)."""
+        self._sampled = state.token_stage.active_blocks
+        state.token_stage.active_blocks = None
+
+    def on_eval_end(self, state) -> None:
+        state.token_stage.active_blocks = self._sampled
 
     def on_epoch_start(self, state) -> None:
         """Per-stage RandAugment magnitude and random erasing, fixed per epoch (the loader builds its

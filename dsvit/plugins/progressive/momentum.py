@@ -42,8 +42,12 @@ class MomentumCopies:
                 c.load_state_dict(st)
 
     def update(self) -> None:
-        for c in self.copies:
-            c.update()
+        """After every optimizer step; under ZeRO-3 one all-gather of the online model serves all."""
+        if not self.copies:
+            return
+        with self.copies[0]._gathered():
+            for c in self.copies:
+                c.update(gathered=True)
 
     def state_dicts(self) -> list:
         return [c.state_dict() for c in self.copies]
