@@ -124,6 +124,7 @@ class ProgressiveGrowth(Plugin):
                                    max_magnitude(self.data_cfg.auto_augment), dp_max,
                                    self.data_cfg.reprob, c.aa_scale if c.augreg else 1.0,
                                    c.dp_scale if c.augreg else 1.0, c.re_scale if c.augreg else 1.0)
+        self.starts = [r.start for r in self.table]
         self.window = self._search_steps(state)
         if c.mode == "auto" and self.window * t.grad_accum < 2 * c.search_batches:
             raise ValueError(f"plugins.growth: a search of {self.window} steps is too short to keep "
@@ -155,7 +156,7 @@ class ProgressiveGrowth(Plugin):
         if self.search is not None and step == self.search.end:
             self._finish_search(state)
         else:
-            s = S.stage_of(step, [r.start for r in self.table])
+            s = S.stage_of(step, self.starts)
             begins = step == self.table[s].start and not any(d["step"] == step for d in self.decisions)
             if begins and (self.search is None or self.search.start != step):
                 if c.mode == "auto" and s < len(self.table) - 1 and self._begin_search(state, s):
@@ -175,7 +176,7 @@ class ProgressiveGrowth(Plugin):
         else:
             stage.active_blocks = None
             self.step_res, self.step_depth = self.resolution, self.depth
-            row = self.table[S.stage_of(state.step, [r.start for r in self.table])]
+            row = self.table[S.stage_of(state.step, self.starts)]
             surgery.set_drop_path(state.model, row.drop_path)
 
     def _grow_request(self, state, new_depth: int, reason: str) -> None:
@@ -223,12 +224,13 @@ class ProgressiveGrowth(Plugin):
 
     def _finish_search(self, state) -> None:
         c, srch = self.cfg, self.search
-        index, scores, w = srch.decide(self._costs())
+        costs = self._costs()
+        index, scores, w = srch.decide(costs)
         index = agree(index)
         r, d = srch.cands[index]
         record = {"step": state.step, "stage": srch.stage, "kind": "search", "resolution": r, "depth": d,
                   "w": w, "candidates": [list(x) for x in srch.cands], "scores": scores,
-                  "losses": srch.mean_losses(), "costs": self._costs()}
+                  "losses": srch.mean_losses(), "costs": costs}
         self.decisions.append(record)
         self._log_search(state, record)
         active = srch.active(d, c.quirk_smallest_base)
@@ -306,7 +308,7 @@ class ProgressiveGrowth(Plugin):
         if not self.cfg.augreg:
             return
         first = sum(state.epoch_steps[:state.epoch])
-        row = self.table[S.stage_of(first, [r.start for r in self.table])]
+        row = self.table[S.stage_of(first, self.starts)]
         state.data.set_augmentation(stage_augment(self.data_cfg.auto_augment, row.magnitude), row.reprob)
 
     def _log_search(self, state, record: dict) -> None:

@@ -140,15 +140,6 @@ def candidate_macs(res: int, depth: int, patch: int, prefix: int, dim: int, mlp_
     return depth * vit_block_macs(tokens, dim, mlp_ratio)
 
 
-def active_fraction(cost_fn, stage_rows: list, total: int) -> float:
-    """Compute of a schedule relative to the full model all along (sum over steps of the stage's
-    cost / full cost): the FLOP ratio of a manual schedule."""
-    full = cost_fn(stage_rows[-1].resolution, stage_rows[-1].depth)
-    starts = [s.start for s in stage_rows] + [total]
-    spent = sum((starts[i + 1] - starts[i]) * cost_fn(s.resolution, s.depth) for i, s in enumerate(stage_rows))
-    return spent / (full * total) if total else 1.0
-
-
 def fraction_steps(fractions: list[float], total: int) -> list[int]:
     return [int(round(f * total)) for f in fractions]
 
