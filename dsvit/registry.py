@@ -8,7 +8,8 @@ plugin class carries ``config_class``, a dataclass with at least ``enabled: bool
 from __future__ import annotations
 
 REGISTRY: dict = {}
-BUILTIN = ("patch_sampling", "progressive", "token_expansion", "visualize")
+BUILTIN = ("attention_sparsity", "patch_sampling", "progressive", "token_expansion",
+           "token_pruning", "visualize")
 
 
 def register(cls):

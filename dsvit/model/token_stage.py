@@ -7,7 +7,12 @@ and calls registered hooks in between:
 - ``after_embed``: ``fn(x, stage) -> x`` after the position embedding (PSS samples here);
 - ``before_block[i]``: ``fn(x, stage) -> x`` on the input of block i (ToE selects/merges before
   block 1; token pruning; growth may change the block list itself);
-- ``attn_mask[i]``: ``fn(x, stage) -> additive float mask or None`` passed to block i's attention.
+- ``attn_mask[i]``: ``fn(x, stage) -> additive float mask or None`` passed to block i's attention;
+- ``after_attention[i]``: ``fn(x, attn, stage) -> x`` inside block i, after its attention residual
+  and before its MLP (``dsvit.model.attention``): ``attn`` holds the block's head-averaged CLS row
+  (``need="cls"``) or full attention (``need="probs"``). Token pruning drops tokens here, so the MLP
+  runs on the kept ones; ``stage.gather`` inside such a hook also restricts ``attn`` to the kept
+  tokens, so a later hook of the same block (the attention mask) sees them only.
 
 Elastic depth: ``stage.active_blocks`` (ascending block indices, ``None`` = all) runs only those
 blocks; the others act as the identity (a supernet's sub-network, AutoProg). Hooks keyed to an
@@ -15,8 +20,9 @@ inactive block run before the next active one, so a token selection before block
 when block 1 is skipped. Checkpointing stays per active block: timm's ``checkpoint_seq`` would run
 every block regardless of a skip set.
 
-Hooks run *outside* activation checkpointing (only each block's own forward is checkpointed), so a
-token selection is never recomputed during the backward, and it acts whether or not checkpointing is
+Hooks run *outside* activation checkpointing (only each block's own forward is checkpointed; a block
+with ``after_attention`` hooks is checkpointed as two halves with the hooks between), so a token
+selection is never recomputed during the backward, and it acts whether or not checkpointing is
 on (the original ToE silently did nothing under timm's checkpoint_seq).
 
 Per forward, ``stage.positions`` holds for every current token its index in the full embedded
@@ -46,6 +52,8 @@ class TokenStage:
         self.after_embed: list[TokenFn] = []
         self.before_block: dict[int, list[TokenFn]] = defaultdict(list)
         self.attn_mask: dict[int, TokenFn] = {}
+        self.after_attention: dict[int, list] = defaultdict(list)   # index -> [(fn, need)]
+        self.block_attn = None         # the running block's BlockAttention, inside after_attention
         self.checkpoint_fn: Optional[Callable] = None   # None: torch.utils.checkpoint (non-reentrant)
         self.positions: Optional[torch.Tensor] = None
         self.record: dict = {}
@@ -82,6 +90,15 @@ class TokenStage:
             raise ValueError(f"block {index} already has an attention-mask provider")
         self.attn_mask[index] = fn
 
+    def add_after_attention(self, index: int, fn, need: str = "cls") -> None:
+        from dsvit.model.attention import NEEDS
+        if need not in NEEDS:
+            raise ValueError(f"need must be one of {NEEDS}, got '{need}'")
+        if self.model is not None:
+            from dsvit.model.attention import check_block
+            check_block(self.model.blocks[index])
+        self.after_attention[index].append((fn, need))
+
     def remove(self, fn) -> None:
         """Unregister ``fn`` from every hook point."""
         if fn in self.after_embed:
@@ -89,7 +106,9 @@ class TokenStage:
         for fns in self.before_block.values():
             if fn in fns:
                 fns.remove(fn)
-        for i in [i for i, f in self.attn_mask.items() if f is fn]:
+        for i, pairs in self.after_attention.items():
+            self.after_attention[i] = [(f, n) for f, n in pairs if f != fn]
+        for i in [i for i, f in self.attn_mask.items() if f == fn]:
             del self.attn_mask[i]
 
     def remap_blocks(self, src: list) -> None:
@@ -103,16 +122,19 @@ class TokenStage:
                 raise ValueError(f"the {what} hook before block {index} has no block to follow: the new "
                                  f"model keeps old blocks {sorted(set(src))}")
             return new
-        before, masks = defaultdict(list), {}
+        before, masks, inside = defaultdict(list), {}, defaultdict(list)
         for i, fns in self.before_block.items():
             if fns:
                 before[moved(i, "token")].extend(fns)
+        for i, pairs in self.after_attention.items():
+            if pairs:
+                inside[moved(i, "after-attention")].extend(pairs)
         for i, fn in self.attn_mask.items():
             j = moved(i, "attention-mask")
             if j in masks:
                 raise ValueError(f"two attention-mask providers land on block {j} after the rebuild")
             masks[j] = fn
-        self.before_block, self.attn_mask = before, masks
+        self.before_block, self.attn_mask, self.after_attention = before, masks, inside
 
     @contextlib.contextmanager
     def suspended(self):
@@ -134,6 +156,8 @@ class TokenStage:
         """Differentiable gather of tokens ``idx`` ([B, K] indices into x's token axis)."""
         pos = self.current_positions(x)
         self.positions = torch.gather(pos, 1, idx)
+        if self.block_attn is not None:
+            self.block_attn.take(idx)
         return take_tokens(x, idx)
 
     # ------------------------------------------------------------ the loop
@@ -141,16 +165,19 @@ class TokenStage:
         ckpt = model.grad_checkpointing and torch.is_grad_enabled()
         tokens, run, done = 0, self._block_order(len(model.blocks)), 0
         for i in run:
-            mask = None
+            mask, inside = None, []
             if self.enabled:
                 for j in range(done, i + 1):        # hooks of skipped blocks run here too
                     for fn in self.before_block.get(j, ()):
                         x = fn(x, self)
+                    inside.extend(self.after_attention.get(j, ()))
                 done = i + 1
                 mask_fn = self.attn_mask.get(i)
                 mask = mask_fn(x, self) if mask_fn is not None else None
             blk = model.blocks[i]
-            if ckpt:
+            if inside:
+                x = self._split_block(blk, x, mask, inside, ckpt)
+            elif ckpt:
                 if self.checkpoint_fn is not None:
                     x = self.checkpoint_fn(blk, x, mask)
                 else:
@@ -160,6 +187,24 @@ class TokenStage:
             tokens += x.shape[1]
         self.mean_block_tokens = tokens / max(1, len(run))
         return x
+
+    def _split_block(self, blk, x, mask, hooks, ckpt: bool) -> torch.Tensor:
+        """One block as attention half -> hooks -> MLP half; each half checkpointed on its own, so
+        the hooks (a token selection) run once and the backward reuses what they chose."""
+        from dsvit.model.attention import BlockAttention, attention_half, mlp_half
+        need = "probs" if any(n == "probs" for _, n in hooks) else "cls"
+        p = self.num_prefix_tokens
+        if ckpt:
+            x, cls, probs = checkpoint(attention_half, blk, x, mask, need, p, use_reentrant=False)
+        else:
+            x, cls, probs = attention_half(blk, x, mask, need, p)
+        self.block_attn = BlockAttention(cls=cls, probs=probs, num_prefix=p)
+        try:
+            for fn, _ in hooks:
+                x = fn(x, self.block_attn, self)
+        finally:
+            self.block_attn = None
+        return checkpoint(mlp_half, blk, x, use_reentrant=False) if ckpt else mlp_half(blk, x)
 
     def _block_order(self, depth: int) -> list:
         if self.active_blocks is None:
