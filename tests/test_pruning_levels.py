@@ -280,3 +280,13 @@ def test_pruning_and_mask_blocks_follow_the_depth_after_a_rebuild():
     assert sorted(i for i, v in stage.after_attention.items() if v) == [3, 6, 9]
     assert sorted(stage.attn_mask) == list(range(4, 12))
     deeper(torch.randn(2, 3, 32, 32)).sum().backward()
+
+
+def test_fit_end_removes_every_hook():
+    ours, stage, ref = _run_attention(0.25, token_rate=0.5)
+    plugins = {f.__self__ for pairs in stage.after_attention.values() for f, _ in pairs}
+    for p in plugins:
+        p.on_fit_end(None)
+    assert not any(stage.after_attention.values()) and not stage.attn_mask
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=1e-6)

@@ -90,10 +90,13 @@ class AttentionSparsity(ScheduledLevel):
     order = ORDER_ATTENTION
     metric = "attention/keep_rate"
 
-    def _register(self, state) -> None:
+    def _unregister(self) -> None:
         if self._stage is not None:
             self._stage.remove(self._build)
             self._stage.remove(self._provide)
+
+    def _register(self, state) -> None:
+        self._unregister()
         stage, depth = state.token_stage, len(state.model.blocks)
         self.blocks = pruning_blocks(depth, self.cfg.block_fractions, self.cfg.blocks)
         for b in self.blocks:

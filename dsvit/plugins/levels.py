@@ -59,6 +59,10 @@ class ScheduledLevel(Plugin):
     def on_after_rebuild(self, state) -> None:
         self._register(state)   # the remapped hooks are replaced by the new depth's blocks
 
+    def on_fit_end(self, state) -> None:
+        self._unregister()       # ``dsvit eval`` sweeps rebuild the plugin on the same stage
+        self._stage = None
+
     def _rate(self, state) -> float:
         c = self.cfg
         return keep_rate(state.step, state.total_steps, c.keep_rate, c.warmup, c.decay)

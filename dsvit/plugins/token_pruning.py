@@ -120,10 +120,16 @@ class TokenPruning(ScheduledLevel):
     order = ORDER_TOKENS
     metric = "tokens/keep_rate"
 
-    def _register(self, state) -> None:
-        stage = state.token_stage
+    eval_options = (("--token-keep-rate", "keep_rate",
+                     "token-pruning keep rates to evaluate, e.g. 1.0,0.9,0.7"),)
+
+    def _unregister(self) -> None:
         if self._stage is not None:
             self._stage.remove(self._hook)
+
+    def _register(self, state) -> None:
+        stage = state.token_stage
+        self._unregister()
         self.blocks = pruning_blocks(len(state.model.blocks), self.cfg.block_fractions, self.cfg.blocks)
         for b in self.blocks:
             stage.add_after_attention(b, self._hook, need="cls")
