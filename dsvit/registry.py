@@ -8,7 +8,7 @@ plugin class carries ``config_class``, a dataclass with at least ``enabled: bool
 from __future__ import annotations
 
 REGISTRY: dict = {}
-BUILTIN = ("attention_sparsity", "patch_sampling", "progressive", "token_expansion",
+BUILTIN = ("attention_sparsity", "example_pruning", "patch_sampling", "progressive", "token_expansion",
            "token_pruning", "visualize")
 
 

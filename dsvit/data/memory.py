@@ -47,6 +47,10 @@ class MemoryTrainData:
     def counters(self) -> dict:
         return {}
 
+    def images_by_uid(self, uids) -> torch.Tensor:
+        """The stored images of ``uids`` (uid = index), as float [n, 3, H, W]."""
+        return self.images[torch.tensor([int(u) for u in uids], dtype=torch.long)].float()
+
 
 class MemoryEvalData:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, rank: int, world_size: int,

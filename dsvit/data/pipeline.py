@@ -46,6 +46,7 @@ is the stream itself (``StreamPlan``, ``RankStream``); ``dsvit.data.tar_reader``
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -56,9 +57,11 @@ from typing import Optional
 import numpy as np
 from torch.utils.data import DataLoader
 
-from dsvit.data.shards import INFO_NAME, check_info
+from dsvit.data.shards import IMAGE_EXTS, INFO_NAME, check_info
 from dsvit.data.stream import STREAM_COUNTERS, RankStream, StreamPlan
-from dsvit.data.transforms import BatchNormalize, build_eraser, build_eval_transform, build_train_transform
+from dsvit.data.tar_reader import iter_shard
+from dsvit.data.transforms import (BatchNormalize, build_eraser, build_eval_transform, build_train_transform,
+                                   image_stages, stack_images)
 
 log = logging.getLogger("dsvit.data")
 TRAIN_COUNTERS = ("corrupt_skipped",) + STREAM_COUNTERS
@@ -228,6 +231,35 @@ class TrainData:
             count += 1
             yield images, labels, uids
         assert count == num_batches - skip_batches, (count, num_batches, skip_batches)
+
+    def images_by_uid(self, uids):
+        """Training samples ``uids`` decoded with the eval transform, normalised float [n, 3, H, W] in
+        the order given. Reads only the shards holding them (a shard's uids are contiguous) and each
+        only up to its last wanted uid: for occasional looks (a plugin's image grid), not training."""
+        from PIL import Image
+        want = np.asarray(uids, np.int64).reshape(-1)
+        ends = self.starts + self.lengths
+        found = {}
+        for i in np.flatnonzero(((want[:, None] >= self.starts) & (want[:, None] < ends)).any(0)):
+            need = set(want[(want >= self.starts[i]) & (want < ends[i])].tolist())
+            for key, sample in iter_shard(self.urls[i]):
+                uid = int(key.rsplit("/", 1)[-1])
+                if uid in need:
+                    ext = next((e for e in sample if e in IMAGE_EXTS), None)
+                    if ext is None:
+                        raise ValueError(f"{self.urls[i]}: sample {key} has no image member")
+                    with Image.open(io.BytesIO(sample[ext])) as im:
+                        found[uid] = im.convert("RGB")
+                    need.discard(uid)
+                    if not need:
+                        break
+        missing = sorted(set(want.tolist()) - set(found))
+        if missing:
+            raise KeyError(f"training uids {missing[:8]} are not in the shards of {self.cfg.root}")
+        imgs = [found[u] for u in want.tolist()]
+        for stage in image_stages(build_eval_transform(self.cfg, self.img_size)):
+            imgs = [stage(x) for x in imgs]
+        return self.normalize(stack_images(imgs))
 
     def counters(self) -> dict:
         """This rank's counts for the epoch being read (reset when ``epoch_batches`` starts), in

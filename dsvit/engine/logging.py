@@ -32,6 +32,7 @@ class RunLogger:
         self.progress_enabled = progress and self.enabled
         self._pending: dict[str, torch.Tensor | float] = {}
         self._images: dict[str, torch.Tensor] = {}
+        self._histograms: dict = {}
         self.writer = None
         self._jsonl = None
         self.bar = None
@@ -51,6 +52,12 @@ class RunLogger:
         if self.enabled:
             self._images[name] = img.detach().float().cpu()
 
+    def histogram(self, name: str, values) -> None:
+        """A TensorBoard histogram of ``values`` (written at the next flush; rank 0 only)."""
+        if self.enabled and self.writer is not None:
+            v = values.detach().cpu() if torch.is_tensor(values) else torch.as_tensor(values)
+            self._histograms[name] = v.float().reshape(-1)
+
     def flush(self, step: int) -> dict:
         """Write everything recorded since the last flush at ``step``; returns the floats."""
         if not self.enabled:
@@ -62,7 +69,11 @@ class RunLogger:
                 self.writer.add_scalar(k, v, step)
             for k, img in self._images.items():
                 self.writer.add_image(k, img, step)
+            for k, v in self._histograms.items():
+                if v.numel():
+                    self.writer.add_histogram(k, v, step)
         self._images.clear()
+        self._histograms.clear()
         if values:
             self._jsonl.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
             self._jsonl.flush()

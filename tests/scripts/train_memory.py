@@ -6,6 +6,8 @@
 --kill-in-save K  SIGKILL this process in the middle of writing the checkpoint of step K
 --dump-rebuilds   every rank writes RUN_DIR/rebuild{N}_rank{R}.pt around each engine rebuild: the
                   optimizer snapshot before and after, the request, LRs, weight decays, host RSS
+--dump-plugins    every rank writes RUN_DIR/plugins_rank{R}.pt at the end: each plugin's state_dict
+                  and rank_state_dict as this rank holds them
 Rank 0 writes RUN_DIR/final_logits.pt: the trained model's logits on 8 fixed training images.
 """
 import os
@@ -63,7 +65,8 @@ def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     stop_at, kill_at = flag(args, "--stop-at"), flag(args, "--kill-in-save")
     dump = "--dump-rebuilds" in args
-    args = [a for a in args if a != "--dump-rebuilds"]
+    dump_plugins = "--dump-plugins" in args
+    args = [a for a in args if a not in ("--dump-rebuilds", "--dump-plugins")]
     cfg = C.load_config("tiny_test", args)
     world = _init_distributed(None)
     C.validate(cfg, world.world_size)
@@ -98,6 +101,9 @@ def main():
         trainer.engine.save_checkpoint = save_then_die
 
     trainer.fit()
+    if dump_plugins:
+        torch.save({p.name: {"state": p.state_dict(), "rank": p.rank_state_dict()} for p in trainer.plugins},
+                   os.path.join(cfg.run.dir, f"plugins_rank{world.rank}.pt"))
     trainer.engine.eval()
     with torch.no_grad():
         logits = trainer.engine(images[:8].to(trainer.device, trainer.model_dtype)).float().cpu()
