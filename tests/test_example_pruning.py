@@ -375,7 +375,7 @@ def test_clsvar_hook_records_the_last_blocks_cls_variance_and_follows_a_rebuild(
     s.model, s.token_stage = model, stage
     run.set.fire("fit_start", s)
     run.set.fire("epoch_start", s)
-    assert [f for f, _ in stage.after_attention[1]] == [run.plugin._hook]
+    assert [h[0] for h in stage.after_attention[1]] == [run.plugin._hook]
     seen = {}
 
     def spy(x, attn, st):
@@ -395,10 +395,10 @@ def test_clsvar_hook_records_the_last_blocks_cls_variance_and_follows_a_rebuild(
     stage.remap_blocks([0, 1, 1])
     s.model = grown
     run.set.fire("after_rebuild", s)
-    assert run.plugin._hook in [f for f, _ in stage.after_attention[2]]
-    assert run.plugin._hook not in [f for f, _ in stage.after_attention[1]]
+    assert run.plugin._hook in [h[0] for h in stage.after_attention[2]]
+    assert run.plugin._hook not in [h[0] for h in stage.after_attention[1]]
     run.set.fire("fit_end", s)
-    assert run.plugin._hook not in [f for pairs in stage.after_attention.values() for f, _ in pairs]
+    assert run.plugin._hook not in [h[0] for hooks in stage.after_attention.values() for h in hooks]
 
 
 # ------------------------------------------------------------------ config

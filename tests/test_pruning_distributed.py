@@ -34,3 +34,22 @@ def test_levels_resume_on_one_rank(tmp_path, stage):
 @pytest.mark.parametrize("plugin", ["token_pruning", "attention_sparsity"])
 def test_switched_off_equals_absent(tmp_path, plugin):
     check_off_equals_absent(tmp_path, plugin, ["model.depth=4", "model.grad_checkpointing=true"])
+
+
+def test_all_levels_compose_with_growth_and_pss_and_resume(tmp_path):
+    """Forgetting rounds + token + attention levels + PSS + progressive growth (2 -> 3 -> 3 -> 4
+    blocks at steps 4, 8; 16 -> 32 px) on 2 ranks, ZeRO-2, activation checkpointing: stopped at step 5
+    (after the first growth, one step before the round at epoch 1) and resumed through the second
+    growth and the round, it equals the straight run (pruning blocks follow the depth; the example
+    statistics survive the rebuilds)."""
+    E = "plugins.example_pruning"
+    check_resume_equivalence(tmp_path, [
+        *LEVELS, "run.zero_stage=2", "model.grad_checkpointing=true", "model.img_size=32",
+        "train.batch_size=64", "train.epochs=3", f"{E}.enabled=true", f"{E}.round_epochs=[1,2]",
+        f"{E}.remove_fraction=0.1", f"{E}.window_presentations=3",
+        "plugins.growth.enabled=true", "plugins.growth.stage_unit=step",
+        "plugins.growth.stage_starts=[0,4,8,12]", "plugins.pss.enabled=true",
+        "plugins.pss.drop_start=0.25"], 2, k=5)
+    rows = [json.loads(l) for l in (tmp_path / "resumed2" / "tb" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("example_pruning/dropped") == 51 for r in rows)
+    assert [r["model/depth"] for r in rows if "model/depth" in r] == [3]   # the growth at step 8

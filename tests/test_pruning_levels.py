@@ -107,7 +107,8 @@ def test_pruning_keeps_exactly_the_top_k_by_cls_attention():
     inputs, kept = {}, {}
     for b in plugin.blocks:
         ours.blocks[b].register_forward_pre_hook(lambda m, a, b=b: inputs.__setitem__(b, a[0]))
-        stage.add_after_attention(b, lambda x, attn, s, b=b: (kept.__setitem__(b, s.positions.clone()), x)[1])
+        stage.add_after_attention(b, lambda x, attn, s, b=b: (kept.__setitem__(b, s.positions.clone()), x)[1],
+                                 order=1000)
     before = {}
     for b in plugin.blocks:   # positions entering each pruning block
         stage.add_before_block(b, lambda x, s, b=b: (before.__setitem__(b, s.current_positions(x).clone()), x)[1])
@@ -273,7 +274,7 @@ def test_pruning_and_mask_blocks_follow_the_depth_after_a_rebuild():
     state = State(cfg=cfg, rank=0, world_size=1, model=deeper, token_stage=stage, total_steps=10)
     plugins = []
     for pairs in stage.after_attention.values():
-        plugins += [f.__self__ for f, _ in pairs if f.__self__ not in plugins]
+        plugins += [h[0].__self__ for h in pairs if h[0].__self__ not in plugins]
     for p in plugins:
         p.on_after_rebuild(state)
     assert {p.name: p.blocks for p in plugins} == {"token_pruning": [3, 6, 9], "attention_sparsity": [3, 6, 9]}
@@ -284,9 +285,24 @@ def test_pruning_and_mask_blocks_follow_the_depth_after_a_rebuild():
 
 def test_fit_end_removes_every_hook():
     ours, stage, ref = _run_attention(0.25, token_rate=0.5)
-    plugins = {f.__self__ for pairs in stage.after_attention.values() for f, _ in pairs}
+    plugins = {h[0].__self__ for pairs in stage.after_attention.values() for h in pairs}
     for p in plugins:
         p.on_fit_end(None)
     assert not any(stage.after_attention.values()) and not stage.attn_mask
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=1e-6)
+
+
+def test_blocks_of_a_shallow_growing_model():
+    assert TP.pruning_blocks(2, [0.25, 0.5, 0.75]) == [0, 1]
+    assert TP.pruning_blocks(1, [0.25, 0.5, 0.75]) == [0]
+    assert TP.pruning_blocks(6, [], [3, 6, 9], strict=False) == [3]
+
+
+def test_hooks_in_a_block_run_by_order_whenever_they_were_added():
+    _, stage, _ = models()
+    ran = []
+    for name, order in (("late", 300), ("early", 100), ("middle", 200), ("middle2", 200)):
+        stage.add_after_attention(1, lambda x, a, s, name=name: (ran.append(name), x)[1], order=order)
+    stage.model(torch.randn(1, 3, 32, 32))
+    assert ran == ["early", "middle", "middle2", "late"]

@@ -52,7 +52,7 @@ class TokenStage:
         self.after_embed: list[TokenFn] = []
         self.before_block: dict[int, list[TokenFn]] = defaultdict(list)
         self.attn_mask: dict[int, TokenFn] = {}
-        self.after_attention: dict[int, list] = defaultdict(list)   # index -> [(fn, need)]
+        self.after_attention: dict[int, list] = defaultdict(list)   # index -> [(fn, need, order)]
         self.block_attn = None         # the running block's BlockAttention, inside after_attention
         self.checkpoint_fn: Optional[Callable] = None   # None: torch.utils.checkpoint (non-reentrant)
         self.positions: Optional[torch.Tensor] = None
@@ -90,14 +90,19 @@ class TokenStage:
             raise ValueError(f"block {index} already has an attention-mask provider")
         self.attn_mask[index] = fn
 
-    def add_after_attention(self, index: int, fn, need: str = "cls") -> None:
+    def add_after_attention(self, index: int, fn, need: str = "cls", order: int = 0) -> None:
+        """Hooks of one block run by ``order`` (plugins pass their role order), then by when they
+        were added: a selection must not depend on whether a plugin registered at fit start or later
+        (after a resume or a rebuild)."""
         from dsvit.model.attention import NEEDS
         if need not in NEEDS:
             raise ValueError(f"need must be one of {NEEDS}, got '{need}'")
         if self.model is not None:
             from dsvit.model.attention import check_block
             check_block(self.model.blocks[index])
-        self.after_attention[index].append((fn, need))
+        hooks = self.after_attention[index]
+        hooks.append((fn, need, order))
+        hooks.sort(key=lambda h: h[2])   # stable: equal orders keep their registration order
 
     def remove(self, fn) -> None:
         """Unregister ``fn`` from every hook point."""
@@ -107,7 +112,7 @@ class TokenStage:
             if fn in fns:
                 fns.remove(fn)
         for i, pairs in self.after_attention.items():
-            self.after_attention[i] = [(f, n) for f, n in pairs if f != fn]
+            self.after_attention[i] = [h for h in pairs if h[0] != fn]
         for i in [i for i, f in self.attn_mask.items() if f == fn]:
             del self.attn_mask[i]
 
@@ -129,6 +134,8 @@ class TokenStage:
         for i, pairs in self.after_attention.items():
             if pairs:
                 inside[moved(i, "after-attention")].extend(pairs)
+        for hooks in inside.values():
+            hooks.sort(key=lambda h: h[2])
         for i, fn in self.attn_mask.items():
             j = moved(i, "attention-mask")
             if j in masks:
@@ -192,7 +199,7 @@ class TokenStage:
         """One block as attention half -> hooks -> MLP half; each half checkpointed on its own, so
         the hooks (a token selection) run once and the backward reuses what they chose."""
         from dsvit.model.attention import BlockAttention, attention_half, mlp_half
-        need = "probs" if any(n == "probs" for _, n in hooks) else "cls"
+        need = "probs" if any(h[1] == "probs" for h in hooks) else "cls"
         p = self.num_prefix_tokens
         if ckpt:
             x, cls, probs = checkpoint(attention_half, blk, x, mask, need, p, use_reentrant=False)
@@ -200,7 +207,7 @@ class TokenStage:
             x, cls, probs = attention_half(blk, x, mask, need, p)
         self.block_attn = BlockAttention(cls=cls, probs=probs, num_prefix=p)
         try:
-            for fn, _ in hooks:
+            for fn, _, _ in hooks:
                 x = fn(x, self.block_attn, self)
         finally:
             self.block_attn = None

@@ -98,10 +98,10 @@ class AttentionSparsity(ScheduledLevel):
     def _register(self, state) -> None:
         self._unregister()
         stage, depth = state.token_stage, len(state.model.blocks)
-        self.blocks = pruning_blocks(depth, self.cfg.block_fractions, self.cfg.blocks)
+        self.blocks = pruning_blocks(depth, self.cfg.block_fractions, self.cfg.blocks, strict=False)
         for b in self.blocks:
-            stage.add_after_attention(b, self._build, need="probs")
-        for b in range(self.blocks[0] + 1, depth):
+            stage.add_after_attention(b, self._build, need="probs", order=self.order)
+        for b in range(self.blocks[0] + 1 if self.blocks else depth, depth):
             stage.set_attn_mask(b, self._provide)
         self._stage = stage
 

@@ -19,13 +19,16 @@ def keep_rate(step: int, total_steps: int, target: float, warmup: float, decay: 
     return target + (1.0 - target) * 0.5 * (1.0 + math.cos(math.pi * (step - t0) / (t1 - t0)))
 
 
-def pruning_blocks(depth: int, fractions, blocks=()) -> list[int]:
-    """Explicit block indices, or round(f * depth) for each fraction; ascending, distinct."""
-    chosen = list(blocks) if blocks else [int(round(f * depth)) for f in fractions]
-    bad = [b for b in chosen if not 0 <= b < depth]
-    if bad:
+def pruning_blocks(depth: int, fractions, blocks=(), strict: bool = True) -> list[int]:
+    """Explicit block indices, or round(f * depth) for each fraction (at most depth - 1: a shallow
+    model early in progressive growth); ascending, distinct. ``strict=False`` (a model still
+    growing) skips explicit blocks it does not have yet instead of refusing them."""
+    if not blocks:
+        return sorted({min(depth - 1, int(round(f * depth))) for f in fractions})
+    bad = [b for b in blocks if not 0 <= b < depth]
+    if bad and strict:
         raise ConfigError(f"pruning blocks {bad} are outside a depth-{depth} model (0..{depth - 1})")
-    return sorted(set(chosen))
+    return sorted(set(blocks) - set(bad))
 
 
 def validate_level(c, cfg) -> None:

@@ -130,9 +130,10 @@ class TokenPruning(ScheduledLevel):
     def _register(self, state) -> None:
         stage = state.token_stage
         self._unregister()
-        self.blocks = pruning_blocks(len(state.model.blocks), self.cfg.block_fractions, self.cfg.blocks)
+        c = self.cfg
+        self.blocks = pruning_blocks(len(state.model.blocks), c.block_fractions, c.blocks, strict=False)
         for b in self.blocks:
-            stage.add_after_attention(b, self._hook, need="cls")
+            stage.add_after_attention(b, self._hook, need="cls", order=self.order)
         self._stage = stage
 
     def _hook(self, x, attn, stage):

@@ -281,7 +281,8 @@ class ExamplePruning(Plugin):
             if not hasattr(stage, "add_after_attention"):
                 raise RuntimeError("plugins.example_pruning: tie_break=clsvar needs the token stage's "
                                    "add_after_attention hook, which this dsvit lacks; use tie_break=uid")
-            stage.add_after_attention(len(state.model.blocks) - 1, self._hook, need="cls")
+            stage.add_after_attention(len(state.model.blocks) - 1, self._hook, need="cls",
+                                    order=self.order)
             self._stage = stage
         elif not want:
             self._remove_hook()
