@@ -46,7 +46,6 @@ is the stream itself (``StreamPlan``, ``RankStream``); ``dsvit.data.tar_reader``
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import math
@@ -57,8 +56,8 @@ from typing import Optional
 import numpy as np
 from torch.utils.data import DataLoader
 
-from dsvit.data.shards import IMAGE_EXTS, INFO_NAME, check_info
-from dsvit.data.stream import STREAM_COUNTERS, RankStream, StreamPlan
+from dsvit.data.shards import INFO_NAME, check_info
+from dsvit.data.stream import STREAM_COUNTERS, RankStream, StreamPlan, decode_image
 from dsvit.data.tar_reader import iter_shard
 from dsvit.data.transforms import (BatchNormalize, build_eraser, build_eval_transform, build_train_transform,
                                    image_stages, stack_images)
@@ -236,7 +235,6 @@ class TrainData:
         """Training samples ``uids`` decoded with the eval transform, normalised float [n, 3, H, W] in
         the order given. Reads only the shards holding them (a shard's uids are contiguous) and each
         only up to its last wanted uid: for occasional looks (a plugin's image grid), not training."""
-        from PIL import Image
         want = np.asarray(uids, np.int64).reshape(-1)
         ends = self.starts + self.lengths
         found = {}
@@ -245,11 +243,10 @@ class TrainData:
             for key, sample in iter_shard(self.urls[i]):
                 uid = int(key.rsplit("/", 1)[-1])
                 if uid in need:
-                    ext = next((e for e in sample if e in IMAGE_EXTS), None)
-                    if ext is None:
-                        raise ValueError(f"{self.urls[i]}: sample {key} has no image member")
-                    with Image.open(io.BytesIO(sample[ext])) as im:
-                        found[uid] = im.convert("RGB")
+                    try:
+                        found[uid] = decode_image(sample)
+                    except Exception as e:
+                        raise ValueError(f"{self.urls[i]}: sample {key}: {e}") from e
                     need.discard(uid)
                     if not need:
                         break

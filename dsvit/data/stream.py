@@ -39,6 +39,15 @@ def recreate_hint(url: str, lost: str = "missing samples", counter: str = "short
             f"on without the {lost} (counted as {counter})")
 
 
+def decode_image(sample: dict) -> Image.Image:
+    """A sample's image member (undecoded tar bytes) as an RGB PIL image."""
+    ext = next((e for e in sample if e in IMAGE_EXTS), None)
+    if ext is None:
+        raise ValueError(f"no image member (has {sorted(sample)})")
+    with Image.open(io.BytesIO(sample[ext])) as im:
+        return im.convert("RGB")
+
+
 @dataclass(frozen=True)
 class StreamPlan:
     """What one rank's stream for one epoch is made of."""
@@ -190,13 +199,8 @@ class RankStream(IterableDataset):
 
     def _decode(self, uid, url, key, sample, stats):
         """Bytes -> (RGB PIL image, label); None for a corrupt sample in skip mode."""
-        ext = next((e for e in sample if e in IMAGE_EXTS), None)
         try:
-            if ext is None:
-                raise ValueError(f"no image member (has {sorted(sample)})")
-            with Image.open(io.BytesIO(sample[ext])) as im:
-                img = im.convert("RGB")
-            return img, int(sample["cls"])
+            return decode_image(sample), int(sample["cls"])
         except Exception as e:  # corrupt bytes, bad label
             if self.plan.corrupt == "raise":
                 raise RuntimeError(f"corrupt sample: shard {url} key {key}: {type(e).__name__}: {e}; "

@@ -28,7 +28,8 @@ on (the original ToE silently did nothing under timm's checkpoint_seq).
 Per forward, ``stage.positions`` holds for every current token its index in the full embedded
 sequence (``[B, N]``; ``None`` while it is the identity) so later hooks and visualisations know where
 kept tokens came from. ``stage.gather(x, idx)`` gathers tokens and keeps ``positions`` in step.
-``stage.record`` is a per-forward scratch dict plugins may fill for logging (e.g. merge hosts).
+``stage.record`` is a per-forward scratch dict (cleared at every forward) plugins may fill for logging
+(e.g. merge hosts) or to hand state between their own hooks of one forward (the attention mask).
 
 The stage is a plain object, not an nn.Module: the model's state_dict, parameter list and ZeRO
 partitioning are unchanged, so checkpoints stay plain timm weights. With no hooks the loop is

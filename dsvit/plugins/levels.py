@@ -55,6 +55,12 @@ class ScheduledLevel(Plugin):
         self.blocks: list[int] = []
         self._stage = None
 
+    def _register(self, state) -> None:
+        raise NotImplementedError   # add the hooks at self.blocks, derived from the current depth
+
+    def _unregister(self) -> None:
+        raise NotImplementedError
+
     def on_fit_start(self, state) -> None:
         self._register(state)
         self.rate = self._rate(state)

@@ -20,7 +20,9 @@ method: the deployed model is the sparse one) or with every token (``eval_keep: 
 
 Where our setting departs, and why:
 - The CLS row comes from one extra [B, H, 1, T] product next to fused SDPA (``dsvit.model.attention``):
-  the released code computes the whole attention matrix explicitly at pruning blocks.
+  the released code computes the whole attention matrix explicitly at pruning blocks. That is for
+  GPUs (no T x T matrix, flash kernels kept). On CPU it does not pay: the explicit matrix was as fast
+  or 2-9 % faster per step (``bench_pruning.py steps``, tp7 vs tp7-explicit, benchmarks/RESULTS.md).
 - Selection runs outside activation checkpointing (the block is checkpointed as two halves), so the
   backward reuses the forward's choice instead of recomputing it.
 - Pruning blocks follow the depth: recomputed from the fractions after an engine rebuild (growth).

@@ -163,8 +163,7 @@ class ExamplePruning(Plugin):
         log.scalar(f"{TAG}/dropped", len(out["drop"]))
         log.scalar(f"{TAG}/restored", len(out["restore"]))
         log.scalar(f"{TAG}/candidates", len(out["ranked"]))
-        if hasattr(log, "histogram"):
-            log.histogram(f"{TAG}/round_scores", out["scores"])
+        log.histogram(f"{TAG}/round_scores", out["scores"])
         k = len(out["drop"])
         log.info("example_pruning round %d at epoch %d: dropped %d of %d candidates (scores <= %s), "
                  "restored %d from the pool", self.rounds_done, state.epoch, k, len(out["ranked"]),
@@ -278,9 +277,6 @@ class ExamplePruning(Plugin):
         want = self.forgetting and self.cfg.tie_break == "clsvar" and self.buffer is not None
         if want and self._stage is None:
             stage = state.token_stage
-            if not hasattr(stage, "add_after_attention"):
-                raise RuntimeError("plugins.example_pruning: tie_break=clsvar needs the token stage's "
-                                   "add_after_attention hook, which this dsvit lacks; use tie_break=uid")
             stage.add_after_attention(len(state.model.blocks) - 1, self._hook, need="cls",
                                     order=self.order)
             self._stage = stage

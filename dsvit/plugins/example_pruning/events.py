@@ -53,13 +53,9 @@ class EventBuffer:
         if across_ranks and distributed():
             w = dist.get_world_size()
             out = torch.empty((w * self.rows, self.batch, self.columns), dtype=x.dtype, device=x.device)
-            # one collective into one tensor: all_gather_single (newer torch), its older name
-            # all_gather_into_tensor, else the list form (same layout)
-            single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
-            if single is not None:
-                single(out, x.contiguous())
-            else:
-                dist.all_gather(list(out.chunk(w)), x.contiguous())
+            # all_gather_single is the newer name of all_gather_into_tensor (torch >= 2.3 has one)
+            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+            gather(out, x.contiguous())
             x = out
         return time_order(x.cpu().numpy(), self.rows)
 
