@@ -4,14 +4,19 @@
 # HOSTFILE lists every node in node-rank order ("host slots=N", see hostfile.example) and must be
 # the same file on all nodes; MASTER_ADDR is node 0's address, reachable from every node, and
 # MASTER_PORT (default 29500) must be the same on all nodes and free on node 0.
+# Checks first (launchers/preflight.py: the hostfile, NODE_RANK, the recipe and overrides at the
+# hostfile's world size, MASTER_ADDR resolves, the port free on node 0 / a warning when node K > 0
+# cannot connect yet); prints the command it starts; DRY_RUN=1 prints it and starts nothing.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 HOSTFILE=${1:?usage: per_node.sh HOSTFILE NODE_RANK MASTER_ADDR [RECIPE] [overrides...]}
 NODE_RANK=${2:?node rank}; MASTER_ADDR=${3:?master addr}; shift 3
 RECIPE=${1:-default}; [ $# -gt 0 ] && shift
-if ! python -c 'import torch,sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
-  SLOTS=$(awk -v k="$NODE_RANK" '!/^#/ && NF {if (n++ == k) {sub("slots=", "", $2); print $2}}' "$HOSTFILE")
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / SLOTS > 0 ? $(nproc) / SLOTS : 1 ))}
-fi
-exec deepspeed --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" \
-  --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}" \
+[[ $NODE_RANK =~ ^[0-9]+$ ]] || die "NODE_RANK must be a whole number >= 0, got '$NODE_RANK'"
+PORT=${MASTER_PORT:-29500}
+preflight --hostfile "$HOSTFILE" --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" \
+  --master-port "$PORT" "$RECIPE" "$@"
+split_cores "$LOCAL_SLOTS"
+start deepspeed --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" \
+  --master_addr "$MASTER_ADDR" --master_port "$PORT" \
   --module dsvit train --config "$RECIPE" "$@"

@@ -42,6 +42,14 @@ def complete_ds_config(cfg: C.Config, world_size: int) -> dict:
         ds["fp16"] = dict(ds.get("fp16", {}), enabled=cfg.run.precision == "fp16")
     if cfg.run.zero_stage >= 0:
         ds.setdefault("zero_optimization", {})["stage"] = cfg.run.zero_stage
+    zero = ds.get("zero_optimization", {})
+    for key, least in (("offload_optimizer", 1), ("offload_param", 3)):
+        # else DeepSpeed 0.19.8 ignores the section (offload_param below 3) or, at stage 0,
+        # refuses the optimizer with advice that does not apply
+        if zero.get(key, {}).get("device", "none") != "none" and zero.get("stage", 0) < least:
+            raise C.ConfigError(f"{C.ds_config_path(cfg.run.ds_config)} sets {key} but runs ZeRO "
+                                f"stage {zero.get('stage', 0)}: {key} needs stage {least} or above "
+                                f"(check run.zero_stage, or pick a JSON without offload)")
     ds.setdefault("steps_per_print", 10**9)
     return ds
 
@@ -55,14 +63,27 @@ def model_dtype(ds_config: dict) -> torch.dtype:
 
 
 def build_engine(model: torch.nn.Module, train: C.TrainConfig, ds_config: dict, device: torch.device):
-    """A DeepSpeed engine around ``model`` with timm's AdamW: weight-decay groups by timm's rule
-    (no decay for 1-D tensors, biases and ``model.no_weight_decay()``), recomputed for every model.
+    """A DeepSpeed engine around ``model`` with timm's AdamW (DeepSpeedCPUAdam under optimizer
+    offload): weight-decay groups by timm's rule (no decay for 1-D tensors, biases and
+    ``model.no_weight_decay()``), recomputed for every model.
     Returns (engine, optimizer, {parameter name: weight decay})."""
     import deepspeed
     import timm.optim
     optimizer = timm.optim.create_optimizer_v2(
         model, "adamw", lr=train.lr, weight_decay=train.weight_decay, betas=tuple(train.betas),
         foreach=device.type == "cuda")
+    zero = ds_config.get("zero_optimization", {})
+    if (zero.get("stage", 0) > 0 and zero.get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
+            and ds_config.get("zero_force_ds_cpu_optimizer", True)):
+        # ZeRO-Offload steps the fp32 master weights on the host. DeepSpeed 0.19.8 refuses a client
+        # torch optimizer there unless the JSON sets "zero_force_ds_cpu_optimizer": false (then
+        # timm's AdamW is kept: the slow path on the host). DeepSpeedCPUAdam is the same AdamW
+        # vectorised for the CPU, here with timm's groups and hyper-parameters. Its first use
+        # JIT-builds the cpu_adam op into ~/.cache/torch_extensions (138 s on 2 cores, once).
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        optimizer = DeepSpeedCPUAdam([{"params": g["params"], "weight_decay": g["weight_decay"]}
+                                      for g in optimizer.param_groups],
+                                     lr=train.lr, betas=tuple(train.betas), adamw_mode=True)
     names = {id(p): n for n, p in model.named_parameters()}
     weight_decay = {names[id(p)]: g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
