@@ -69,11 +69,23 @@ def cmd_train(args) -> int:
     cfg = C.load_config(args.config, args.overrides)
     world = _init_distributed(args)
     C.validate(cfg, world.world_size)
+    from dsvit.engine import failure
     from dsvit.engine.trainer import Trainer
     from dsvit.registry import build_plugins
+    failure.set_collective_timeout(cfg.run.collective_timeout_s)
     run_dir = Path(cfg.run.dir)
-    trainer = Trainer(cfg, world, build_plugins(cfg.plugins))
-    metrics = trainer.fit()
+    peers = failure.Peers(world.rank, world.world_size) if world.world_size > 1 else None
+    try:
+        trainer = Trainer(cfg, world, build_plugins(cfg.plugins))
+        metrics = trainer.fit()
+    except RuntimeError as e:   # torch.distributed's errors are RuntimeErrors
+        line = failure.explain(e, peers, cfg, world.rank)
+        if line is None:
+            raise
+        failure.exit_now(line)
+    finally:
+        if peers is not None:
+            peers.stop()
     if world.rank == 0:
         print(f"\nfinal top-1 {metrics.get('top1', float('nan')):.2f}%  top-5 "
               f"{metrics.get('top5', float('nan')):.2f}%  (best {trainer.best_top1:.2f}%)")

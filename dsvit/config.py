@@ -33,6 +33,7 @@ class RunConfig:
     zero_stage: int = -1             # -1: as the DeepSpeed JSON says; else override 0..3
     max_steps: int = -1              # stop after this many optimizer steps (-1: train.epochs)
     overwrite: bool = False          # a fresh run in a folder holding another run moves it aside
+    collective_timeout_s: float = 600.0  # a collective stuck this long (lost/hung rank) ends the run
 
 
 @dataclass
@@ -318,7 +319,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     ds_config_path(r.ds_config)
     positive = {"train.lr": t.lr, "train.epochs": t.epochs, "train.batch_size": t.batch_size,
                 "train.grad_accum": t.grad_accum, "train.eval_batch_size": t.eval_batch_size,
-                "model.img_size": cfg.model.img_size, "log.every_steps": cfg.log.every_steps}
+                "model.img_size": cfg.model.img_size, "log.every_steps": cfg.log.every_steps,
+                "run.collective_timeout_s": r.collective_timeout_s}
     for key, v in positive.items():
         if not 0 < v < math.inf:
             raise ConfigError(f"{key} must be a finite number > 0, got {v}")
