@@ -22,7 +22,7 @@ from PIL import Image
 
 from dsvit.config import DataConfig
 from dsvit.data import pipeline as P
-from dsvit.data.stream import RankStream
+from dsvit.data.stream import SampleDecoder, stream_samples
 from dsvit.data.transforms import fix_posterize, seed_rngs, stack_images
 
 TARBALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -56,16 +56,17 @@ def breakdown_shards(td, n):
     and collate (stack, normalise, erase); one process, the pipeline's batch-wise order."""
     import itertools
 
-    ds = RankStream(td._plan(0, 0), td.transform, td.normalize, td.eraser, True)
+    plan = td._plan(0, 0)
+    ds = SampleDecoder(plan, td.transform, td.normalize)   # one stream's samples: enough to time
     stats = {"corrupt_skipped": 0, "filtered": 0}
     t = {"read": 0.0, "decode": 0.0, "seed": 0.0}
     t0 = time.perf_counter()
-    raw = list(itertools.islice(ds._stream(stats, True), n))
+    raw = list(itertools.islice(stream_samples(plan, *plan.streams[0]), n))
     t["read"] = time.perf_counter() - t0
     for g in range(n // td.batch):
         batch = raw[g * td.batch:(g + 1) * td.batch]
         a = time.perf_counter()
-        items = [ds._decode(*r, stats) for r in batch]
+        items = [ds.decode(*r, stats) for r in batch]
         t["decode"] += time.perf_counter() - a
         imgs = [img for img, _ in items]
         for k, stage in enumerate(ds.stages):

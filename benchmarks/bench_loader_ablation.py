@@ -23,7 +23,7 @@ from PIL import Image
 
 from dsvit.config import DataConfig
 from dsvit.data import pipeline as P
-from dsvit.data.stream import RankStream
+from dsvit.data.stream import SampleDecoder, stream_samples
 from dsvit.data.tar_reader import iter_shard
 from dsvit.data.transforms import fix_posterize, image_stages, seed_rngs
 
@@ -79,9 +79,9 @@ def main():
                      shuffle_buffer=1000)
     info = P.read_info(cfg.root)
     td = P.TrainData(cfg, info, img_size=32, rank=0, world_size=1, local_batch=128, seed=0)
-    stream = RankStream(td._plan(0, 0), td.transform, None, None, True)
-    raw = [(uid, s) for uid, _, _, s in itertools.islice(stream._stream({"filtered": 0, "corrupt_skipped": 0}, True),
-                                                         128 * args.batches)]
+    plan = td._plan(0, 0)
+    stream = SampleDecoder(plan, td.transform, None)   # one stream's samples: enough to time
+    raw = [(uid, s) for uid, _, _, s in itertools.islice(stream_samples(plan, *plan.streams[0]), 128 * args.batches)]
     batches = [raw[i:i + 128] for i in range(0, len(raw), 128)]
     from timm.data import create_transform
     timm_ops = image_stages(fix_posterize(create_transform(

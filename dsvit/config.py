@@ -59,7 +59,8 @@ class DataConfig:
     val_split: str = "val"
     shards: str = ""                   # brace pattern/URLs overriding the _info.json shard list
     mode: str = "resampled"            # resampled | partitioned
-    workers: int = 2
+    workers: int = 2                   # loader processes per rank (each owns whole streams)
+    streams: int = 8                   # virtual data streams; a multiple of every world size used
     shuffle_buffer: int = 1000
     steps_per_epoch: int = -1          # -1: derived from sample count / global batch
     corrupt: str = "skip"              # skip (and count) | raise
@@ -312,6 +313,19 @@ def check_model_name(name: str) -> None:
     raise ConfigError(f"model.name '{name}' is not a timm model{hint}")
 
 
+def check_streams(streams: int, world_size: int, global_micro_batch: int) -> None:
+    """data.streams must split into ranks and the global micro-batch into equal chunks."""
+    if streams < 1 or streams % world_size:
+        raise ConfigError(f"data.streams={streams} must be a positive multiple of the world size "
+                         f"{world_size}: set data.streams={math.lcm(max(streams, 1), world_size)} "
+                         f"(a multiple of every world size you will run or resume this run on, e.g. 8 for 1/2/4/8 ranks)")
+    if global_micro_batch % streams:
+        raise ConfigError(f"the global micro-batch ({global_micro_batch} = train.batch_size / train.grad_accum) "
+                         f"is not divisible by data.streams={streams}: each stream gives every micro-batch "
+                         f"the same number of samples; use a train.batch_size that is a multiple of "
+                         f"{streams} x train.grad_accum, or another data.streams")
+
+
 def validate(cfg: Config, world_size: int = 1) -> None:
     """Check values once at start; raise ConfigError saying what to change."""
     t, r = cfg.train, cfg.run
@@ -338,6 +352,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not divisible by world size {world_size} x "
             f"train.grad_accum {t.grad_accum} = {per}; use a multiple of {per}")
+    check_streams(cfg.data.streams, world_size, t.batch_size // t.grad_accum)
     if t.eval_batch_size % world_size:
         raise ConfigError(f"train.eval_batch_size={t.eval_batch_size} is not divisible by world "
                           f"size {world_size}; use a multiple of {world_size}")

@@ -45,6 +45,33 @@ def launch(run_dir: Path, overrides: list[str], world_size: int = 1, extra: list
     return proc
 
 
+def launch_nodes(run_dir: Path, overrides: list[str], nodes: int = 2, extra: list[str] = (),
+                 script: Path = SCRIPT) -> list[subprocess.CompletedProcess]:
+    """Simulated nodes: one deepspeed launcher per node on 127.0.0.1 (``--no_ssh --node_rank K``,
+    one rank each), as a cluster without ssh between its nodes runs them; all must succeed."""
+    port = free_port()
+    hostfile = Path(run_dir).parent / f"{Path(run_dir).name}.hostfile"
+    hostfile.parent.mkdir(parents=True, exist_ok=True)
+    hostfile.write_text("".join(f"{h} slots=1\n" for h in ["localhost", "127.0.0.1"][:nodes]))
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([str(DEEPSPEED), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(k),
+                               "--master_addr", "127.0.0.1", "--master_port", str(port), str(script), *extra,
+                               f"run.dir={run_dir}", *overrides],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k in range(nodes)]
+    done = []
+    for k, p in enumerate(procs):
+        out, err = p.communicate(timeout=600)
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        f.unlink(missing_ok=True)
+    bad = [(k, d) for k, d in enumerate(done) if d.returncode != 0]
+    if bad:
+        k, d = bad[0]
+        raise AssertionError(f"node {k} failed ({d.returncode}): {' '.join(d.args)}\n{d.stdout[-3000:]}\n{d.stderr[-3000:]}")
+    return done
+
+
 def loss_trace(run_dir: Path) -> dict[int, float]:
     """step -> logged train/loss; a step logged twice (after a kill and resume) keeps the last."""
     trace = {}

@@ -48,7 +48,7 @@ def test_cifar_converts_verifies_and_streams(cifar_subset, tmp_path):
     c = cfg(out, workers=2, val_split="test", auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25)
     uids = []
     for rank in (0, 1):
-        td = P.TrainData(c, info, img_size=32, rank=rank, world_size=2, local_batch=50, seed=0)
+        td = P.TrainData(c, info, img_size=32, rank=rank, world_size=2, local_batch=40, seed=0)
         x, y, u = collect(td.epoch_batches(0))
         assert x.shape[1:] == (3, 32, 32) and torch.isfinite(x).all()
         uids += u.tolist()

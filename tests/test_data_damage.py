@@ -29,8 +29,9 @@ def warnings_seen(caplog):
     logger.removeHandler(caplog.handler)
 
 
-def train(root, world=1, rank=0, batch=8, **kw):
-    return P.TrainData(cfg(root, **kw), P.read_info(root), img_size=16, rank=rank, world_size=world,
+def train(root, world=1, rank=0, batch=8, streams=1, **kw):
+    """One stream per rank by default: these tests damage shards of a rank's single stream."""
+    return P.TrainData(cfg(root, streams=streams, **kw), P.read_info(root), img_size=16, rank=rank, world_size=world,
                        local_batch=batch, seed=0)
 
 
@@ -103,7 +104,7 @@ def test_counters_per_epoch_worker_and_resume_independent(root, mode):
     cut_samples(shard(root, "train-000002.tar"), 4)
     keep = np.ones(96, bool)
     keep[::4] = False
-    full = train(root, mode=mode, shuffle_buffer=30)
+    full = train(root, mode=mode, shuffle_buffer=30, streams=4)
     full.set_keep_set(keep)
     list(full.epoch_batches(1))
     want = full.counters()
@@ -113,7 +114,7 @@ def test_counters_per_epoch_worker_and_resume_independent(root, mode):
     list(full.epoch_batches(1))
     assert full.counters() == want  # per epoch: a second epoch does not add to the first
     for workers, skip in ((2, 0), (3, 0), (0, 4), (2, 5)):
-        td = train(root, mode=mode, shuffle_buffer=30, workers=workers)
+        td = train(root, mode=mode, shuffle_buffer=30, workers=workers, streams=4)
         td.set_keep_set(keep)
         list(td.epoch_batches(1, skip_batches=skip))
         got = td.counters()
@@ -123,7 +124,7 @@ def test_counters_per_epoch_worker_and_resume_independent(root, mode):
 def test_partitioned_all_shards_empty_says_which_and_what_to_do(root):
     for i in range(8):
         shard(root, f"train-00000{i}.tar").write_bytes(b"")
-    with pytest.raises(RuntimeError, match=r"rank 0: none of its 8 shards delivers a sample.*holds 0 of 12.*--overwrite"):
+    with pytest.raises(RuntimeError, match=r"data stream 0: none of its 8 shards delivers a sample.*holds 0 of 12.*--overwrite"):
         list(train(root).epoch_batches(0))
     with pytest.raises(RuntimeError, match="none of its 8 shards delivers a sample"):  # no endless loop
         list(train(root, mode="resampled").epoch_batches(0))

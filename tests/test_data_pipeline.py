@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dsvit.data import pipeline as P
-from dsvit.data.stream import RankStream
+from dsvit.data.stream import SampleDecoder
 from data_helpers import cfg, collect, write_dataset
 
 
@@ -132,12 +132,12 @@ def test_batches_for_follows_resampled_rule(even):
 @pytest.mark.parametrize("mode", ["partitioned", "resampled"])
 def test_keep_set_filters_before_decode(even, monkeypatch, mode):
     decoded = []
-    orig = RankStream._decode
+    orig = SampleDecoder.decode
 
     def counting(self, uid, *a):
         decoded.append(uid)
         return orig(self, uid, *a)
-    monkeypatch.setattr(RankStream, "_decode", counting)
+    monkeypatch.setattr(SampleDecoder, "decode", counting)
     td = train(even, mode=mode, workers=0)
     assert td.batches_per_epoch == 12
     keep = np.zeros(96, bool)
@@ -153,9 +153,13 @@ def test_keep_set_filters_before_decode(even, monkeypatch, mode):
     assert td.batches_per_epoch == 12
 
 
-def test_partitioned_needs_a_shard_per_rank(uneven):
-    with pytest.raises(ValueError, match="needs at least one shard per rank.*reshard"):
+def test_partitioned_needs_a_shard_per_stream_and_streams_per_rank(uneven):
+    with pytest.raises(ValueError, match="deals whole shards to data.streams=16 streams, but .* has 9 shards; reshard"):
+        train(uneven, world=2, streams=16)
+    with pytest.raises(ValueError, match="data.streams=8 must be a positive multiple of the world size 16: set data.streams=16"):
         train(uneven, world=16)
+    with pytest.raises(ValueError, match=r"global micro-batch \(24 = .*not divisible by data.streams=16"):
+        train(uneven, world=2, batch=12, streams=16, mode="resampled")
 
 
 def test_batches_multiple_and_steps_per_epoch(even):
@@ -174,11 +178,11 @@ def test_corrupt_sample_skip_and_raise(tmp_path):
     at = data.index(b"\xff\xd8\xff")  # first JPEG: smash its bytes after the marker
     data[at + 20:at + 400] = b"\x00" * 380
     shard.write_bytes(bytes(data))
-    td = train(root, batch=8, workers=0)
+    td = train(root, batch=8, workers=0, streams=1)
     x, y, u = collect(td.epoch_batches(0))
     assert x.shape[0] == 24 and td.counters()["corrupt_skipped"] == 1
     with pytest.raises(RuntimeError, match="corrupt sample: shard .*train-000000.tar key"):
-        list(train(root, batch=8, workers=0, corrupt="raise").epoch_batches(0))
+        list(train(root, batch=8, workers=0, streams=1, corrupt="raise").epoch_batches(0))
 
 
 def test_read_info_errors(tmp_path):

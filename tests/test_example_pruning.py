@@ -12,7 +12,7 @@ import torch
 from dsvit.config import apply_override, load_config, validate
 from dsvit.data import pipeline as P
 from dsvit.data.memory import MemoryTrainData, random_dataset
-from dsvit.data.stream import RankStream
+from dsvit.data.stream import SampleDecoder
 from dsvit.errors import ConfigError
 from dsvit.plugins.example_pruning import infobatch as IB
 from dsvit.plugins.example_pruning.config import ExamplePruningConfig
@@ -316,12 +316,12 @@ def test_pruned_uids_are_never_decoded(shards, monkeypatch, policy):
     """Real shards: after a round / an InfoBatch decision the examples out of the keep set are
     neither decoded nor in any batch of the epoch."""
     decoded = []
-    orig = RankStream._decode
+    orig = SampleDecoder.decode
 
     def counting(self, uid, *a):
         decoded.append((self.plan.epoch, uid))
         return orig(self, uid, *a)
-    monkeypatch.setattr(RankStream, "_decode", counting)
+    monkeypatch.setattr(SampleDecoder, "decode", counting)
     over = (["plugins.example_pruning.round_epochs=[1]", "plugins.example_pruning.remove_fraction=0.2"]
             if policy == "forgetting" else INFOB)
     cfg = make_cfg(*over, batch=8, epochs=2)

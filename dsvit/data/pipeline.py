@@ -1,47 +1,47 @@
 """Streaming training and evaluation data from webdataset shards (any URL webdataset opens).
 
-One epoch on one rank is a single ordered *stream* of samples, defined only by
-(seed, epoch, rank, world_size, keep set):
+An epoch is read as ``S = data.streams`` virtual streams (``dsvit.data.stream``): global micro-batch
+``g`` is chunk ``g`` (``B_micro / S`` samples) of every stream, in stream order, and rank ``r`` of
+``R`` reads and decodes the chunks of its ``S/R`` streams. The batches therefore depend on (seed,
+epoch, S, keep set) only: not on the world size, the node layout or the loader's worker count. Each
+stream is owned by one loader worker, so every shard byte is read once per epoch by the rank that
+needs it (``tests/test_data_read_once.py`` counts the bytes).
 
-    shard sequence -> tar -> samples (undecoded) -> keep[uid] filter -> shuffle buffer -> batch index g
+* partitioned: shards are dealt to the S streams once (greedy by active sample count); each epoch a
+  stream reads its shards in an order drawn from (seed, epoch, stream). An epoch is
+  ``min over streams floor(active_s / chunk)`` micro-batches (rounded down to ``batches_multiple``):
+  every sample is seen at most once, and exactly once when the streams' shares are equal multiples of
+  the chunk; a stream's tail beyond that is dropped for the epoch. Needs at least S shards.
+* resampled: each stream draws shards with replacement (weighted by active samples) from (seed,
+  epoch, stream); streams never run dry. An epoch is ``floor(N_active / B_micro)`` micro-batches
+  (rounded down to ``batches_multiple``), or ``steps_per_epoch * batches_multiple`` if > 0: the same
+  number of samples as one pass over the data, drawn at random.
 
-* partitioned: shards are assigned to ranks once (greedy by active sample count, the same on every
-  rank); each epoch a rank reads its shards in an order drawn from (seed, epoch, rank). All ranks run
-  ``batches_per_epoch = min over ranks floor(active_r / local_batch)`` batches (rounded down to
-  ``batches_multiple``); the tail of a rank's shuffled stream beyond that is dropped for the epoch.
-  With balanced shards and a batch dividing the counts, every sample is seen exactly once.
-* resampled: shards are drawn with replacement (weighted by active samples) from (seed, epoch,
-  rank); the stream never runs dry. ``batches_per_epoch = floor(N_active / (local_batch * world))``
-  rounded down to ``batches_multiple``, or ``steps_per_epoch * batches_multiple`` if > 0.
-
-Loader workers all read the rank's stream (tar bytes only: cheap next to decode) and worker ``w`` of
-``W`` decodes and augments batches ``g`` with ``(g - skip) % W == w``; the DataLoader returns worker
-batches round-robin, i.e. in order ``g``. A batch is processed stage by stage (decode all, crop all,
-flip all, RandAugment all, stack, normalise, erase), and the augmentation RNGs (python ``random``,
-numpy, torch) are seeded per (seed, epoch, rank, g, stage). So the batches depend on (seed, epoch,
-rank, world_size, keep set) and NOT on the worker count.
+In both modes an epoch has the same length and the same global batches at any world size (with S
+fixed): only which rank decodes which chunk changes.
 
 Resume semantics: ``epoch_batches(epoch, skip_batches=k)`` yields exactly batches k..B-1 of what
-``epoch_batches(epoch)`` yields (equal tensors): the stream is rebuilt and its first ``k * local_batch``
-samples are passed over after the shuffle buffer, without decoding. The trainer must call it with the
-same data config, world size, seed and keep set as the interrupted run; batches are counted per rank
-(micro-batches, not optimizer steps). ``epoch_batches(epoch, k, num_batches=n)`` (a planned epoch
-shorter than ``batches_per_epoch``) yields batches k..n-1 of that same stream, cut after batch n-1.
+``epoch_batches(epoch)`` yields (equal tensors): each stream is rebuilt and its first ``k * chunk``
+samples are passed over after its shuffle buffer, without decoding. Batches are counted in
+micro-batches (not optimizer steps); with the same global batch and grad_accum they are the same on
+any world size, so a run resumed on another number of ranks continues with the very batches it
+would have trained on. ``epoch_batches(epoch, k, num_batches=n)`` (a planned epoch shorter than
+``batches_per_epoch``) yields batches k..n-1 of that same stream, cut after batch n-1.
 
 Damaged data (``cfg.corrupt``). Every shard's sample count is checked against ``_info.json`` when
-the stream reaches its end; a shard cut off (at a member boundary or not), empty, or holding garbage
+a stream reaches its end; a shard cut off (at a member boundary or not), empty, or holding garbage
 where a tar header should be is *short*. 'raise' errors naming the shard (and key or byte offset),
 what it holds against the index, and what to do. 'skip' fills a corrupt sample's slot with a copy
-of another sample of the same batch (shapes stay fixed), and reads on past a short shard (the
-partitioned stream starts another pass over the rank's shards if it would run short), so the epoch
-keeps its length; both are counted, in samples and per epoch (``TrainData.counters()``), and a
-short shard is logged by name. Evaluation streams the val split (no shuffle, no filter), shards
-split across ranks; every rank yields the same number of batches and padding has ``valid=False``;
-with 'skip', corrupt val samples are ``valid=False`` too, so the evaluated count shows what is
-missing, and ``EvalData.counters()`` says why.
+of another sample of the rank's micro-batch (shapes stay fixed), and reads on past a short shard (a
+partitioned stream starts another pass over its shards if it would run short), so the epoch keeps
+its length; both are counted, in samples and per epoch (``TrainData.counters()``), and a short
+shard is logged by name. Evaluation streams the val split (no shuffle, no filter), shards split
+across ranks and then across each rank's workers; every rank yields the same number of batches and
+padding has ``valid=False``; with 'skip', corrupt val samples are ``valid=False`` too, so the
+evaluated count shows what is missing, and ``EvalData.counters()`` says why.
 
 Modules: this one lists shards and sizes epochs (``TrainData``, ``EvalData``); ``dsvit.data.stream``
-is the stream itself (``StreamPlan``, ``RankStream``); ``dsvit.data.tar_reader`` reads the tars.
+reads the streams (``StreamPlan``, ``TrainStream``, ``EvalStream``); ``dsvit.data.tar_reader`` the tars.
 """
 from __future__ import annotations
 
@@ -54,10 +54,12 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
+from dsvit.config import check_streams
 from dsvit.data.shards import INFO_NAME, check_info
-from dsvit.data.stream import STREAM_COUNTERS, RankStream, StreamPlan, decode_image
+from dsvit.data.stream import STREAM_COUNTERS, EvalStream, StreamPlan, TrainStream, decode_image
 from dsvit.data.tar_reader import iter_shard
 from dsvit.data.transforms import (BatchNormalize, build_eraser, build_eval_transform, build_train_transform,
                                    image_stages, stack_images)
@@ -134,6 +136,11 @@ def _loader(ds, workers: int):
                       prefetch_factor=4 if workers > 0 else None)
 
 
+def largest_divisor_at_most(n: int, k: int) -> int:
+    """The largest divisor of ``n`` that is <= ``k`` (at least 1)."""
+    return max(d for d in range(1, max(1, min(n, k)) + 1) if n % d == 0)
+
+
 class TrainData:
     def __init__(self, cfg, info: dict, *, img_size: int, rank: int, world_size: int,
                  local_batch: int, seed: int, batches_multiple: int = 1):
@@ -141,11 +148,19 @@ class TrainData:
         self.seed, self.multiple, self.img_size = seed, max(1, batches_multiple), img_size
         self.urls, self.lengths, self.starts = _split_shards(cfg, info, cfg.train_split)
         self.num_samples = int(info["splits"][cfg.train_split]["num_samples"])
-        if cfg.mode == "partitioned" and len(self.urls) < world_size:
+        self.streams = streams = cfg.streams
+        check_streams(streams, world_size, local_batch * world_size)
+        self.chunk = local_batch * world_size // streams
+        per_rank = streams // world_size
+        self.my_streams = list(range(rank * per_rank, (rank + 1) * per_rank))
+        # a worker owns whole streams: the most workers that divide this rank's streams evenly
+        self.workers = largest_divisor_at_most(per_rank, cfg.workers) if cfg.workers > 0 else 0
+        if cfg.mode == "partitioned" and len(self.urls) < streams:
             raise ValueError(
-                f"data.mode=partitioned needs at least one shard per rank: {world_size} ranks but "
-                f"{len(self.urls)} shards in {cfg.root}; reshard with `dsvit shards ... --shard-size "
-                f"{max(1, self.num_samples // (world_size * 4))}` (4 shards per rank) or use data.mode=resampled")
+                f"data.mode=partitioned deals whole shards to data.streams={streams} streams, but "
+                f"{cfg.root} has {len(self.urls)} shards; reshard with `dsvit shards ... --shard-size "
+                f"{max(1, self.num_samples // (streams * 4))}` (4 shards per stream), lower data.streams "
+                f"(a multiple of the world size {world_size}) or use data.mode=resampled")
         self.transform = build_train_transform(cfg, img_size)
         self.normalize, self.eraser = BatchNormalize(cfg.mean, cfg.std), build_eraser(cfg)
         self._counters = dict.fromkeys(TRAIN_COUNTERS, 0)
@@ -170,12 +185,12 @@ class TrainData:
         self.keep, self.active = keep, active
         m = self.multiple
         if self.cfg.mode == "partitioned":
-            self.assign = _balance(active, self.world)
-            per_rank = min(int(active[s].sum()) for s in self.assign)
-            n = per_rank // self.batch
+            self.assign = _balance(active, self.streams)
+            smallest = min(int(active[s].sum()) for s in self.assign)
+            n = smallest // self.chunk
             if self.cfg.steps_per_epoch > 0:
                 n = min(n, self.cfg.steps_per_epoch * m)
-            where = f"the smallest rank's share ({per_rank} samples)"
+            where = f"the smallest stream's share ({smallest} samples, {self.chunk} per micro-batch)"
         else:
             n = self._resampled_batches(int(active.sum()))
             where = f"{int(active.sum())} active samples / ({self.batch} x {self.world} ranks)"
@@ -198,12 +213,11 @@ class TrainData:
     def _plan(self, epoch: int, skip_batches: int, num_batches: Optional[int] = None) -> StreamPlan:
         partitioned = self.cfg.mode == "partitioned"
         return StreamPlan(
-            mode=self.cfg.mode, urls=self.urls, active=self.active, keep=self.keep,
-            shards=self.assign[self.rank] if partitioned else None, shuffle=True, seed=self.seed,
-            epoch=epoch, rank=self.rank, local_batch=self.batch,
+            mode=self.cfg.mode, urls=self.urls, lengths=self.lengths, keep=self.keep, active=self.active,
+            streams=tuple((sid, self.assign[sid] if partitioned else None) for sid in self.my_streams),
+            seed=self.seed, epoch=epoch, chunk=self.chunk,
             num_batches=self.batches_per_epoch if num_batches is None else num_batches,
-            skip_batches=skip_batches, shuffle_buffer=self.cfg.shuffle_buffer,
-            corrupt=self.cfg.corrupt, img_size=self.img_size, lengths=self.lengths)
+            skip_batches=skip_batches, shuffle_buffer=self.cfg.shuffle_buffer, corrupt=self.cfg.corrupt)
 
     def epoch_batches(self, epoch: int, skip_batches: int = 0, num_batches: Optional[int] = None):
         """Batches skip_batches..num_batches-1 of the epoch (default: all batches_per_epoch). A
@@ -216,10 +230,17 @@ class TrainData:
         if not 0 <= skip_batches <= num_batches:
             raise ValueError(f"skip_batches={skip_batches} outside [0, {num_batches}]")
         self._counters = dict.fromkeys(TRAIN_COUNTERS, 0)   # per epoch
-        ds = RankStream(self._plan(epoch, skip_batches, num_batches), self.transform, self.normalize,
-                        self.eraser, True)
-        count = 0
-        for images, labels, uids, stats in _loader(ds, self.cfg.workers):
+        ds = TrainStream(self._plan(epoch, skip_batches, num_batches), self.transform, self.normalize,
+                         self.eraser)
+        nw, count, items = max(1, self.workers), 0, []
+        for item in _loader(ds, self.workers):
+            items.append(item)
+            if len(items) < nw:
+                continue
+            g = items[0][0]
+            assert all(it[0] == g for it in items), [it[0] for it in items]
+            images, labels, uids, stats = self._assemble(items, g)
+            items = []
             for url, got, listed, why in stats.pop("short", ()):
                 log.warning("epoch %d rank %d: shard %s delivered %d of the %d samples %s lists (%s); the "
                             "epoch is filled from the other shards (counted as short_shard_missing). "
@@ -230,6 +251,33 @@ class TrainData:
             count += 1
             yield images, labels, uids
         assert count == num_batches - skip_batches, (count, num_batches, skip_batches)
+
+    def _assemble(self, items, g: int):
+        """The rank's micro-batch from its workers' items: chunks back in stream order (worker ``w``
+        holds the rank's streams w, w+W, ...), corrupt slots filled with copies of good samples."""
+        nw, stats = len(items), {}
+        k = len(self.my_streams) // nw
+        size = max(it[1].shape[-1] for it in items)
+
+        def ordered(t):   # [W, k chunks, ...] -> stream order
+            rest = t.shape[2:]
+            return t.reshape(nw, k, self.chunk, *rest).transpose(0, 1).reshape(-1, *rest)
+        images = ordered(torch.stack([it[1].expand(-1, -1, size, size) for it in items]))
+        labels, uids, bad = (ordered(torch.stack([it[j] for it in items])) for j in (2, 3, 4))
+        for it in items:
+            for key, v in it[5].items():
+                stats[key] = stats.get(key, []) + v if key == "short" else stats.get(key, 0) + v
+        if bad.any():
+            good = (~bad).nonzero().flatten()
+            if not len(good):
+                raise RuntimeError(f"every sample of micro-batch {g} on rank {self.rank} is corrupt (uids "
+                                   f"{uids[:8].tolist()}...); check the shards with `dsvit shards verify "
+                                   f"{os.path.dirname(self.urls[0]) or '.'}`")
+            slots = bad.nonzero().flatten()
+            src = good[torch.arange(len(slots)) % len(good)]
+            images, labels, uids = images.clone(), labels.clone(), uids.clone()
+            images[slots], labels[slots], uids[slots] = images[src], labels[src], uids[src]
+        return images.contiguous(), labels, uids, stats
 
     def images_by_uid(self, uids):
         """Training samples ``uids`` decoded with the eval transform, normalised float [n, 3, H, W] in
@@ -273,8 +321,14 @@ class EvalData:
         self.cfg, self.rank, self.batch, self.img_size = cfg, rank, local_batch, img_size
         self.urls, self.lengths, _ = _split_shards(cfg, info, cfg.val_split)
         self.assign = _balance(self.lengths, world_size)
-        most = max(int(self.lengths[s].sum()) for s in self.assign)
-        self.num_batches = math.ceil(most / local_batch)
+        # a rank's shards are dealt to its workers; each pads its last batch, and worker 0 adds the
+        # padding batches that give every rank the same count
+        nw = max(1, cfg.workers)
+        per_worker = [[math.ceil(int(self.lengths[a[w::nw]].sum()) / local_batch) for w in range(nw)]
+                      for a in self.assign]
+        self.num_batches = max(sum(q) for q in per_worker)
+        self.quotas = per_worker[rank]
+        self.quotas[0] += self.num_batches - sum(self.quotas)
         self.num_samples = int(self.lengths.sum())
         self.transform = build_eval_transform(cfg, img_size)
         self.normalize = BatchNormalize(cfg.mean, cfg.std)
@@ -287,14 +341,13 @@ class EvalData:
         listed = int(self.lengths[self.assign[self.rank]].sum())
         self._counters = dict.fromkeys(EVAL_COUNTERS, 0)
         self._counters["samples_listed"] = listed
-        plan = StreamPlan(mode="partitioned", urls=self.urls, keep=None, shards=self.assign[self.rank],
-                          shuffle=False, seed=0, epoch=0, rank=self.rank, local_batch=self.batch,
+        plan = StreamPlan(mode="partitioned", urls=self.urls, lengths=self.lengths, keep=None, active=None,
+                          streams=((0, self.assign[self.rank]),), seed=0, epoch=0, chunk=self.batch,
                           num_batches=self.num_batches, skip_batches=0, shuffle_buffer=0,
-                          corrupt=self.cfg.corrupt, img_size=self.img_size, lengths=self.lengths)
-        ds = RankStream(plan, self.transform, self.normalize, None, False)
-        workers = min(self.cfg.workers, self.num_batches)
+                          corrupt=self.cfg.corrupt, train=False)
+        ds = EvalStream(plan, self.transform, self.normalize, self.img_size, self.quotas)
         short = []
-        for images, labels, valid, stats in _loader(ds, workers):
+        for images, labels, valid, stats in _loader(ds, self.cfg.workers):
             short += stats.pop("short", ())
             for k, v in stats.items():
                 if k in self._counters:   # not 'filtered': no keep set here

@@ -1,16 +1,29 @@
-"""One rank's epoch as a DataLoader dataset: the stream described in ``dsvit.data.pipeline``.
+"""Reading an epoch: undecoded samples from tar shards, as streams that loader workers own.
 
-``StreamPlan`` is everything that defines the stream (no state); ``RankStream`` reads it, filters,
-shuffles, and decodes/augments the batches of its loader worker. ``TrainData`` and ``EvalData``
-(``dsvit.data.pipeline``) build the plans.
+Training (``TrainStream``). The data of an epoch is ``S = data.streams`` virtual *streams*, each an
+ordered sequence of undecoded samples defined by (seed, epoch, stream id, keep set) only: its shards
+(partitioned: a fixed share; resampled: drawn with replacement) -> tar -> keep[uid] filter -> its
+own shuffle buffer. Global micro-batch ``g`` is chunk ``g`` of every stream, in stream order (a
+chunk is ``B_micro / S`` samples). Rank ``r`` of ``R`` owns streams ``r*S/R .. (r+1)*S/R - 1``, so
+its micro-batch is the concatenation of its streams' chunks, and the global batch does not depend
+on the world size as long as ``S`` is fixed. A loader worker ``w`` of ``W`` (``W`` divides ``S/R``)
+owns the rank's streams ``w, w+W, ...``: it alone opens their shards, so each shard byte is read
+once per epoch per rank, and it decodes and augments their chunks; augmentation RNGs are seeded per
+(seed, epoch, stream, g, stage), so nothing depends on the worker count either. A worker yields one
+item per micro-batch (its chunks, concatenated); ``dsvit.data.pipeline`` puts the rank's chunks back
+in stream order and fills corrupt slots.
 
-Counters. Every batch carries the counts of what happened while its samples were read (stream
+Evaluation (``EvalStream``): a rank's val shards are dealt to its workers (``shards[w::W]``); each
+worker batches its own samples and pads its last batch, and worker 0 adds the fully padded batches
+that give every rank the same batch count.
+
+Counters. Every item carries the counts of what happened while its samples were read (stream
 events: ``filtered``, ``short_shards``, ``short_shard_missing``, and the short shards themselves
-under ``short``) and decoded (``corrupt_skipped``). A stream event is booked on the batch whose
-sample was being read when it happened (at the earliest on the first batch decoded, so a resumed
-epoch books the events of the batches it passes over), and only the worker that decodes that batch
-reports it: the counts do not depend on the worker count. Each shard is checked against the
-sample count ``_info.json`` lists when its end is reached; a short shard counts once per stream.
+under ``short``) and decoded (``corrupt_skipped``). Events of one stream are booked on the chunk
+being read when they happen (at the earliest on the first chunk decoded, so a resumed epoch books
+the events of the chunks it passes over): the counts do not depend on the worker count. Each shard
+is checked against the sample count ``_info.json`` lists when its end is reached; a short shard
+counts once per stream and epoch.
 """
 from __future__ import annotations
 
@@ -48,76 +61,59 @@ def decode_image(sample: dict) -> Image.Image:
         return im.convert("RGB")
 
 
+def worker_slot() -> tuple[int, int]:
+    """(this loader worker's id, the number of workers); (0, 1) in the main process."""
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
 @dataclass(frozen=True)
 class StreamPlan:
-    """What one rank's stream for one epoch is made of."""
+    """What one rank's streams of one epoch are made of (no state)."""
     mode: str                      # "partitioned" or "resampled"
     urls: list                     # every shard of the split
+    lengths: np.ndarray            # samples per shard (of urls) as _info.json lists them
     keep: Optional[np.ndarray]     # bool per uid, None: keep all
-    shards: Optional[list]         # partitioned: this rank's shard indices into urls
-    shuffle: bool                  # partitioned: shuffle this rank's shard order each pass
+    active: Optional[np.ndarray]   # resampled: active samples per shard (draw weights)
+    streams: tuple                 # this rank's (stream id, shard indices; None when resampled)
     seed: int
     epoch: int
-    rank: int
-    local_batch: int
-    num_batches: int               # batches the stream yields, counting the skipped ones
-    skip_batches: int              # leading batches passed over without decoding (resume)
-    shuffle_buffer: int            # samples; <= 1: no shuffle buffer
+    chunk: int                     # samples a stream gives each micro-batch
+    num_batches: int               # micro-batches of the epoch, counting the skipped ones
+    skip_batches: int              # leading micro-batches passed over without decoding (resume)
+    shuffle_buffer: int            # samples per stream; <= 1: no shuffle buffer
     corrupt: str                   # "raise" or "skip"
-    img_size: int                  # size of eval padding batches
-    lengths: np.ndarray            # samples per shard (of urls) as _info.json lists them
-    active: Optional[np.ndarray] = None  # resampled: active samples per shard (draw weights)
+    train: bool = True
 
 
 class _Events:
-    """Stream events since they were last booked on a batch."""
-    __slots__ = ("counts", "short", "dirty")
+    """Stream events since they were last booked on a chunk."""
+    __slots__ = ("counts", "short")
 
     def __init__(self):
-        self.clear()
-
-    def clear(self):
-        self.counts, self.short, self.dirty = dict.fromkeys(STREAM_COUNTERS, 0), [], False
+        self.counts, self.short = dict.fromkeys(STREAM_COUNTERS, 0), []
 
     def add(self, name: str, k: int = 1):
         self.counts[name] += k
-        self.dirty = True
 
-    def move_to(self, other: "_Events"):
+    def book(self, stats: dict) -> None:
+        """Add these events to an item's stats and forget them."""
         for k, v in self.counts.items():
-            other.counts[k] += v
-        other.short += self.short
-        other.dirty = True
-        self.clear()
+            stats[k] = stats.get(k, 0) + v
+        stats.setdefault("short", []).extend(self.short)
+        self.__init__()
 
 
-class RankStream(IterableDataset):
-    """One rank's epoch: yields (images, labels, uids_or_valid, stats) batches for this worker;
-    stats: {counter: int} and "short": [(url, samples read, samples listed, why)]."""
+class SampleReader:
+    """Undecoded (uid, url, key, sample)s of a sequence of shards, filtered by keep before anything
+    else; each shard's count is checked against _info.json at its end. One per stream (its short
+    and barren shards are remembered across passes)."""
 
-    def __init__(self, plan: StreamPlan, transform, normalize, eraser, train: bool):
-        self.plan, self.normalize, self.eraser, self.train = plan, normalize, eraser, train
-        self.stages = image_stages(transform)
+    def __init__(self, plan: StreamPlan, readable: list, owner: str):
+        self.plan, self.readable, self.owner = plan, readable, owner
+        self.short, self.barren = {}, set()
 
-    def _passes(self):
-        """Shard sequences, one per pass over the data; each pass is shuffled on its own."""
-        p = self.plan
-        if p.mode == "resampled":  # one endless pass
-            rng = np.random.default_rng([p.seed, p.epoch, p.rank, 7])
-            prob = p.active / p.active.sum()
-            yield (int(i) for _ in itertools.count() for i in rng.choice(len(p.urls), size=64, p=prob))
-            return
-        for pas in range(1 << 30):  # a partitioned training stream only repeats if shards come up short
-            order = list(p.shards)
-            if p.shuffle:
-                order = [int(i) for i in np.random.default_rng([p.seed, p.epoch, p.rank, pas]).permutation(order)]
-            yield order
-            if not self.train:
-                return
-
-    def _samples(self, shards, ev: _Events, short: dict, barren: set):
-        """Undecoded (uid, url, key, sample), filtered by keep before anything else; each shard's
-        count is checked against _info.json at its end."""
+    def samples(self, shards, ev: _Events):
         p, keep = self.plan, self.plan.keep
         for i in shards:
             url, got, kept, err = p.urls[i], 0, 0, None
@@ -138,12 +134,12 @@ class RankStream(IterableDataset):
             except (EOFError, OSError) as e:  # CorruptShardError: cut off mid-member, not a tar
                 err = e
             if got < p.lengths[i] or err is not None:
-                self._short(i, got, err, ev, short)
-            if not kept and self.train:
-                barren.add(i)
-                self._check_barren(barren, short)
+                self._short(i, got, err, ev)
+            if not kept and p.train:
+                self.barren.add(i)
+                self._check_barren()
 
-    def _short(self, i: int, got: int, err, ev: _Events, short: dict):
+    def _short(self, i: int, got: int, err, ev: _Events):
         p = self.plan
         url, listed = p.urls[i], int(p.lengths[i])
         if err is None:
@@ -155,151 +151,165 @@ class RankStream(IterableDataset):
             what = f"shard {url} is unreadable after {got} of the {listed} samples {INFO_NAME} lists ({why})"
         if p.corrupt == "raise":
             raise RuntimeError(f"{what}; {recreate_hint(url)}") from err
-        if i not in short and got < listed:  # once per stream: a partitioned pass may read it again
-            short[i] = (url, got, listed, why)
+        if i not in self.short and got < listed:  # once per stream: a partitioned pass may read it again
+            self.short[i] = (url, got, listed, why)
             ev.add("short_shards")
             ev.add("short_shard_missing", listed - got)
-            ev.short.append(short[i])
+            ev.short.append(self.short[i])
 
-    def _check_barren(self, barren: set, short: dict):
+    def _check_barren(self):
         """Raise if every shard the stream can read has been found to deliver no sample."""
-        p = self.plan
-        readable = p.shards if p.mode != "resampled" else np.flatnonzero(p.active > 0).tolist()
-        if barren.issuperset(readable):
-            eg = next(iter(short.values()), None)
+        if self.barren.issuperset(self.readable):
+            eg = next(iter(self.short.values()), None)
             example = f", e.g. {eg[0]} holds {eg[1]} of {eg[2]} samples" if eg else ""
-            raise RuntimeError(f"rank {p.rank}: none of its {len(readable)} shards delivers a sample it "
-                               f"may use{example}; {recreate_hint(p.urls[readable[0]])}")
+            raise RuntimeError(f"{self.owner}: none of its {len(self.readable)} shards delivers a sample "
+                               f"it may use{example}; {recreate_hint(self.plan.urls[self.readable[0]])}")
 
-    def _stream(self, ev, report: bool = True):
-        """The rank's ordered stream of undecoded samples; events go to ``ev`` (an _Events; anything
-        else, and ``report``, as the benchmarks pass them: events are dropped)."""
-        ev = ev if isinstance(ev, _Events) else _Events()
-        short, barren = {}, set()
-        for pas, shards in enumerate(self._passes()):
-            yield from self._shuffled(self._samples(shards, ev, short, barren), pas)
 
-    def _shuffled(self, it, pas: int):
-        p = self.plan
-        size = p.shuffle_buffer
-        if not (self.train and size > 1):
-            yield from it
-            return
-        rng = np.random.default_rng([p.seed, p.epoch, p.rank, 11, pas])
-        buf = []
-        for item in it:
-            if len(buf) < size:
-                buf.append(item)
-                continue
-            j = int(rng.integers(size))
-            buf[j], item = item, buf[j]
-            yield item
-        for j in rng.permutation(len(buf)):
-            yield buf[j]
+def stream_samples(plan: StreamPlan, sid: int, shards: Optional[list], ev: Optional[_Events] = None):
+    """Stream ``sid``'s ordered, endless sequence of undecoded samples for the epoch: its shards pass
+    after pass (partitioned: each pass in its own shuffled order; a pass only repeats if shards come
+    up short) or drawn with replacement (resampled), each pass through the stream's shuffle buffer."""
+    p, ev = plan, ev if ev is not None else _Events()
+    if p.mode == "resampled":
+        readable = np.flatnonzero(p.active > 0).tolist()
+        rng = np.random.default_rng([p.seed, p.epoch, sid, 7])
+        prob = p.active / p.active.sum()
+        passes = iter([(int(i) for _ in itertools.count() for i in rng.choice(len(p.urls), size=64, p=prob))])
+    else:
+        readable = list(shards)
+        passes = ([int(i) for i in np.random.default_rng([p.seed, p.epoch, sid, pas]).permutation(shards)]
+                  for pas in itertools.count())
+    reader = SampleReader(p, readable, f"data stream {sid}")
+    for pas, order in enumerate(passes):
+        yield from shuffled(reader.samples(order, ev), p.shuffle_buffer,
+                            np.random.default_rng([p.seed, p.epoch, sid, 11, pas]))
 
-    def _decode(self, uid, url, key, sample, stats):
-        """Bytes -> (RGB PIL image, label); None for a corrupt sample in skip mode."""
+
+def shuffled(it, size: int, rng):
+    """A shuffle buffer of ``size`` items over ``it``."""
+    if size <= 1:
+        yield from it
+        return
+    buf = []
+    for item in it:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        j = int(rng.integers(size))
+        buf[j], item = item, buf[j]
+        yield item
+    for j in rng.permutation(len(buf)):
+        yield buf[j]
+
+
+class SampleDecoder:
+    """Bytes -> augmented, normalised tensors: the part shared by training and evaluation."""
+
+    def __init__(self, plan: StreamPlan, transform, normalize):
+        self.plan, self.normalize = plan, normalize
+        self.stages = image_stages(transform)
+
+    def decode(self, uid, url, key, sample, stats):
+        """(RGB PIL image, label); None for a corrupt sample in skip mode."""
         try:
             return decode_image(sample), int(sample["cls"])
         except Exception as e:  # corrupt bytes, bad label
             if self.plan.corrupt == "raise":
                 raise RuntimeError(f"corrupt sample: shard {url} key {key}: {type(e).__name__}: {e}; "
                                    f"{recreate_hint(url, 'corrupt samples', 'corrupt_skipped')}") from e
-            stats["corrupt_skipped"] += 1
+            stats["corrupt_skipped"] = stats.get("corrupt_skipped", 0) + 1
             return None
 
-    def _augment(self, imgs, g):
-        p = self.plan
+    def augment(self, imgs, *seed):
+        """Each stage over the whole list before the next (decode all, crop all, ...): on small images,
+        where Python and Pillow call overhead dominate, that is 1.4-1.6x faster than the whole
+        transform per image (benchmarks/bench_loader_ablation.py). ``seed``: training RNG seed."""
         for k, stage in enumerate(self.stages):
-            if self.train:
-                seed_rngs(p.seed, p.epoch, p.rank, g, k)
+            if seed:
+                seed_rngs(*seed, k)
             imgs = [stage(x) for x in imgs]
         return self.normalize(stack_images(imgs))
 
-    def _batch(self, raw, g, stats):
-        """Decode, augment and collate training batch ``g`` from its undecoded (uid, url, key, sample)s;
-        a corrupt sample's slot gets a copy of another sample of the batch.
 
-        Each stage runs over the whole batch before the next (decode all, crop all, ...): on small
-        images, where Python and Pillow call overhead dominate, that is 1.4-1.6x faster than running
-        the whole transform per image (benchmarks/bench_loader_ablation.py). Training RNGs are seeded per
-        (seed, epoch, rank, batch, stage), so the batch does not depend on the loader's worker count."""
-        items = [self._decode(uid, url, key, sample, stats) for uid, url, key, sample in raw]
-        uids = [r[0] for r in raw]
+class TrainStream(IterableDataset):
+    """One rank's training epoch: yields per micro-batch ``(g, images, labels, uids, bad, stats)`` with
+    this worker's chunks concatenated (``bad``: corrupt slots, zero images); stats: {counter: int}
+    and "short": [(url, samples read, samples listed, why)]."""
+
+    def __init__(self, plan: StreamPlan, transform, normalize, eraser):
+        self.plan, self.eraser = plan, eraser
+        self.decoder = SampleDecoder(plan, transform, normalize)
+
+    def _chunk(self, raw, sid: int, g: int, stats):
+        p, dec = self.plan, self.decoder
+        items = [dec.decode(*r, stats) for r in raw]
         good = [i for i, it in enumerate(items) if it is not None]
-        if not good:
-            raise RuntimeError(f"every sample of a batch is corrupt (shard {raw[0][1]}, uids {uids[:8]}...); "
-                               f"check the shards with `dsvit shards verify {os.path.dirname(raw[0][1]) or '.'}`")
-        for n, i in enumerate([i for i, it in enumerate(items) if it is None]):
-            items[i], uids[i] = items[good[n % len(good)]], uids[good[n % len(good)]]
-        images = self._augment([img for img, _ in items], g)
-        if self.eraser is not None:
-            p = self.plan
-            seed_rngs(p.seed, p.epoch, p.rank, g, len(self.stages))
-            self.eraser(images)  # per sample, in place
-        return images, torch.tensor([y for _, y in items], dtype=torch.long), uids
+        images = torch.zeros(len(raw), 3, 1, 1)
+        if good:
+            images = dec.augment([items[i][0] for i in good], p.seed, p.epoch, sid, g)
+            if self.eraser is not None:
+                seed_rngs(p.seed, p.epoch, sid, g, len(dec.stages))
+                self.eraser(images)  # per sample, in place
+            if len(good) < len(raw):
+                full = images.new_zeros(len(raw), *images.shape[1:])
+                full[good] = images
+                images = full
+        labels = torch.tensor([it[1] if it is not None else 0 for it in items], dtype=torch.long)
+        bad = torch.tensor([it is None for it in items], dtype=torch.bool)
+        return images, labels, torch.tensor([r[0] for r in raw], dtype=torch.long), bad
 
-    def _eval_batch(self, raw, g, stats):
-        """An eval batch of ``local_batch`` slots: the decoded samples of ``raw``, valid; corrupt
-        samples (skip mode) and padding are zeros with valid=False."""
-        b, size = self.plan.local_batch, self.plan.img_size
+    def __iter__(self):
+        p = self.plan
+        w, nw = worker_slot()
+        mine = p.streams[w::nw]
+        events = [_Events() for _ in mine]
+        its = [stream_samples(p, sid, shards, ev) for (sid, shards), ev in zip(mine, events)]
+        for it in its:   # resume: pass over the skipped chunks without decoding
+            for _ in itertools.islice(it, p.skip_batches * p.chunk):
+                pass
+        for g in range(p.skip_batches, p.num_batches):
+            stats, parts = {"corrupt_skipped": 0}, []
+            for (sid, _), it, ev in zip(mine, its, events):
+                raw = list(itertools.islice(it, p.chunk))
+                if len(raw) < p.chunk:
+                    raise RuntimeError(f"data stream {sid} ended inside micro-batch {g}")
+                parts.append(self._chunk(raw, sid, g, stats))
+                ev.book(stats)
+            size = max(x.shape[-1] for x, *_ in parts)   # an all-corrupt chunk has 1x1 placeholders
+            parts = [(x.expand(-1, -1, size, size) if x.shape[-1] != size else x, *rest) for x, *rest in parts]
+            yield (g, *(torch.cat(t) for t in zip(*parts)), stats)
+
+
+class EvalStream(IterableDataset):
+    """One rank's val pass: yields ``(images, labels, valid, stats)`` batches of ``chunk`` slots; worker
+    ``w`` reads shards ``shards[w::W]`` and yields ``quotas[w]`` batches (its samples, then padding)."""
+
+    def __init__(self, plan: StreamPlan, transform, normalize, img_size: int, quotas: list):
+        self.plan, self.img_size, self.quotas = plan, img_size, quotas
+        self.decoder = SampleDecoder(plan, transform, normalize)
+
+    def _batch(self, raw, stats):
+        b, size = self.plan.chunk, self.img_size
         images, labels = torch.zeros(b, 3, size, size), torch.zeros(b, dtype=torch.long)
         valid = torch.zeros(b, dtype=torch.bool)
-        items = [self._decode(uid, url, key, sample, stats) for uid, url, key, sample in raw]
+        items = [self.decoder.decode(*r, stats) for r in raw]
         good = [i for i, it in enumerate(items) if it is not None]
         if good:
-            images[good] = self._augment([items[i][0] for i in good], g)
+            images[good] = self.decoder.augment([items[i][0] for i in good])
             labels[good] = torch.tensor([items[i][1] for i in good], dtype=torch.long)
             valid[good] = True
         return images, labels, valid
 
-    @staticmethod
-    def _emit(batch, stats, booked: dict, g: int):
-        ev = booked.pop(g, None)
-        out = dict(stats)
-        if ev is not None:
-            out.update(ev.counts)
-            out["short"] = ev.short
-        stats.update(corrupt_skipped=0)
-        return (*batch, out)
-
     def __iter__(self):
         p = self.plan
-        info = get_worker_info()
-        w, nw = (info.id, info.num_workers) if info else (0, 1)
-        b, n_batches, skip = p.local_batch, p.num_batches, p.skip_batches
-        stats = {"corrupt_skipped": 0}   # of this worker's batch being decoded
-        ev, booked = _Events(), {}       # stream events not yet booked; this worker's booked, by batch
-
-        def book(g):
-            g = max(g, skip)
-            if (g - skip) % nw == w:
-                ev.move_to(booked.setdefault(g, _Events()))
-            else:
-                ev.clear()
-        raw, n = [], 0
-        for item in self._stream(ev):
-            g, n = n // b, n + 1
-            if g >= n_batches:
-                return
-            if ev.dirty:
-                book(g)
-            if g < skip or (g - skip) % nw != w:
-                continue
-            raw.append(item)
-            if len(raw) == b:
-                if self.train:
-                    images, labels, uids = self._batch(raw, g, stats)
-                    yield self._emit((images, labels, torch.tensor(uids, dtype=torch.long)), stats, booked, g)
-                else:
-                    yield self._emit(self._eval_batch(raw, g, stats), stats, booked, g)
-                raw = []
-        if self.train:
-            raise RuntimeError(f"rank {p.rank}: training stream ended after {n} samples")
-        if ev.dirty and n // b < n_batches:   # events at the end of the stream: the partial batch
-            book(n // b)
-        # eval: this worker's partial batch (padded), then its fully padded batches
-        for g in range(n // b, n_batches):
-            if (g - skip) % nw == w:
-                yield self._emit(self._eval_batch(raw, g, stats), stats, booked, g)
-                raw = []
+        w, nw = worker_slot()
+        shards = list(p.streams[0][1])[w::nw]
+        quota, ev = self.quotas[w], _Events()
+        reader = SampleReader(p, shards, f"val worker {w}")
+        samples = reader.samples(shards, ev)
+        for _ in range(quota):
+            stats = {"corrupt_skipped": 0}
+            raw = list(itertools.islice(samples, p.chunk))   # short: its shards' end was checked
+            ev.book(stats)
+            yield (*self._batch(raw, stats), stats)

@@ -8,6 +8,8 @@ Layout under ``RUN_DIR/checkpoints/``::
                              right (e.g. grown) model first and then loads DeepSpeed's files into it
         rank{r}_state.pt     each rank's RNG states and per-rank plugin states
         weights.safetensors  the model's full fp32 weights (and ema.safetensors): what eval/export read
+        universal/           made on the first resume on another world size: the tag in DeepSpeed's
+                             universal format (``ds_to_universal``), which any number of ranks loads
         COMPLETE             written by rank 0 after every rank finished writing (a barrier): the
                              fingerprint of the run, its run id, and every file's size
     latest                   name of the newest complete tag (atomic replace)
@@ -39,6 +41,7 @@ import torch.distributed as dist
 
 MARKER = "COMPLETE"
 RUN_STATE = "dsvit_state.pt"
+UNIVERSAL = "universal"
 
 
 def rank_file(rank: int) -> str:
@@ -228,10 +231,49 @@ def check_compatible(meta: dict, expected: dict, tag_dir: Path) -> None:
             "\nresume with the same model/plugins/world size, or start a new run directory")
 
 
-def load(engine, tag_dir: Path, rank: int) -> None:
-    """Collective: load model/optimizer into the engine; restores this rank's RNG."""
+def needs_universal(tag_dir: Path) -> bool:
+    """Whether the tag's optimizer state is partitioned over the ranks that wrote it (ZeRO 1-3, or
+    DeepSpeed's bf16 optimizer): then another world size loads it through the universal format."""
+    return any(tag_dir.glob("*optim_states.pt"))
+
+
+def universal_copy(tag_dir: Path, rank: int) -> str:
+    """Collective: the tag converted to DeepSpeed's universal checkpoint format (one file per
+    parameter and state, loadable on any number of ranks), made once by rank 0 with DeepSpeed's own
+    ``ds_to_universal`` and kept as ``tag_dir/universal``; returns its tag name relative to tag_dir."""
+    out = tag_dir / UNIVERSAL
+    error = None
+    if rank == 0 and not (out / MARKER).is_file():
+        import argparse
+        from deepspeed.checkpoint import ds_to_universal
+        tmp = tag_dir / f"{UNIVERSAL}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            # inject_missing_state: dsvit is not Megatron and has no universal-checkpoint metadata
+            # of its own; one process each, as the extraction pools would fight over a few cores
+            ds_to_universal.main(argparse.Namespace(
+                input_folder=str(tag_dir), output_folder=str(tmp), num_extract_workers=1,
+                num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+            (tmp / MARKER).write_text("converted by deepspeed.checkpoint.ds_to_universal\n")
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+        except Exception as e:   # every rank must learn of it, not wait at the barrier
+            error = f"{type(e).__name__}: {e}"
+    error = agree(error)
+    if error:
+        raise RuntimeError(f"converting checkpoint {tag_dir} to DeepSpeed's universal format (to resume "
+                           f"on another number of ranks) failed: {error}; resume on the world size that "
+                           f"wrote it, or convert it by hand with `ds_to_universal --inject_missing_state`")
+    return f"{tag_dir.name}/{UNIVERSAL}"
+
+
+def load(engine, tag_dir: Path, rank: int, universal: bool = False) -> None:
+    """Collective: load model/optimizer into the engine; restores this rank's RNG, unless the tag
+    was written on another world size (``universal``: loaded through DeepSpeed's universal format;
+    the caller reseeds). The engine must have been built with ``checkpoint.load_universal``."""
+    tag = universal_copy(tag_dir, rank) if universal else tag_dir.name
     try:
-        _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+        _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag,
                                                  load_optimizer_states=True,
                                                  load_lr_scheduler_states=False)
     except Exception as e:
@@ -240,7 +282,8 @@ def load(engine, tag_dir: Path, rank: int) -> None:
                            f"delete this one and use checkpoint.resume=auto") from e
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
-    set_rng_state(read_rank_state(tag_dir, rank)["rng"])
+    if not universal:
+        set_rng_state(read_rank_state(tag_dir, rank)["rng"])
 
 
 def read_weights(tag_dir: Path, name: str = "weights") -> dict:

@@ -22,7 +22,8 @@ Rules the engine enforces:
   that event. Two requests before it could act are an error naming both plugins.
 - ``checkpoint_save`` fires before plugin state is captured. A plugin's state is ``replicated``
   (identical on every rank: saved once; the trainer checks equality across ranks when saving) or
-  ``per_rank`` (saved per rank; then a resume needs the same world size). ``state_dict()`` holds
+  ``per_rank`` (saved per rank; a resume on another world size asks ``reshard_rank_state`` to map
+  every old rank's state to a new rank's, and refuses a plugin that has none). ``state_dict()`` holds
   tensors, numbers, strings and containers only, so checkpoints load with ``weights_only=True``.
 - ``configure(cfg)`` is called once, before anything else, with the whole (read-only) config: a
   plugin reads there what it needs beyond its own section (e.g. the model's depth).
@@ -137,11 +138,32 @@ class Plugin:
     def load_rank_state_dict(self, state: dict) -> None:
         pass
 
+    def reshard_rank_state(self, states: list, rank: int, world_size: int) -> dict:
+        """This rank's per-rank state on ``world_size`` ranks from every old rank's (a resume on
+        another world size). Default: only nothing to carry is carried."""
+        if any(states):
+            raise RuntimeError(
+                f"plugin '{self.name}' keeps per-rank state and cannot resume on another number of ranks "
+                f"(the checkpoint has {len(states)}, this run {world_size}); resume on {len(states)} "
+                f"rank(s), or give the plugin a reshard_rank_state()")
+        return {}
+
     def architecture(self) -> dict:
         return {}
 
     def plan_epochs(self, num_samples: int, epochs: int) -> Optional[list]:
         return None
+
+
+def reslice_batch(parts: list, rank: int, world_size: int, dim: int = 0):
+    """Rank ``rank``'s share (of ``world_size``) of the global batch that ``parts`` (every old rank's
+    share, in rank order) make along ``dim``: rank r's micro-batch is the r-th slice of the global one
+    (``dsvit.data.pipeline``), so per-batch state reshards by concatenating and slicing again."""
+    whole = torch.cat(list(parts), dim)
+    if whole.shape[dim] % world_size:
+        raise ValueError(f"a global batch of {whole.shape[dim]} does not split over {world_size} ranks")
+    k = whole.shape[dim] // world_size
+    return whole.narrow(dim, rank * k, k).clone()
 
 
 def handles(plugin: Plugin, event: str) -> bool:
@@ -202,6 +224,11 @@ class PluginSet:
             p.load_state_dict(states[p.name])
             if p.state_scope == "replicated":
                 p.load_rank_state_dict(per_rank.get(p.name, {}))
+
+    def reshard_rank_states(self, every: list, rank: int, world_size: int) -> dict:
+        """Per-rank states for this rank from every old rank's {plugin: state} (another world size)."""
+        return {p.name: p.reshard_rank_state([e.get(p.name, {}) for e in every], rank, world_size)
+                for p in self.plugins if any(p.name in e for e in every)}
 
     # ---- what the plugins declare about the model and the data
     def architecture(self) -> dict:

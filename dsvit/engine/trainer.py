@@ -27,6 +27,7 @@ import torch.distributed as dist
 from dsvit import config as C
 from dsvit.engine import checkpoint as ckpt
 from dsvit.engine import rebuild as rb
+from dsvit.engine import resume
 from dsvit.engine import run_folder
 from dsvit.engine.ema import WeightEMA
 from dsvit.engine.evaluate import evaluate_model
@@ -70,13 +71,15 @@ class Trainer:
                 f"train.grad_accum={t.grad_accum}: lower train.batch_size or use more data")
         self.epoch_steps = self._plan_epochs()
         self.total_steps = cfg.run.max_steps if cfg.run.max_steps > 0 else sum(self.epoch_steps)
-        self.ds_config = complete_ds_config(cfg, world.world_size)
+        # resume, part 1: progress and plugin states first, since they decide the architecture
+        self.resume_tag = resume.find(cfg.checkpoint.resume, self.ckpt_dir, world.rank,
+                                      [p.name for p in self.plugins])
+        self.resume_point = resume.point(self.resume_tag, world.world_size)
+        resumed_state = self._load_run_state(self.resume_point) if self.resume_tag else None
+        self.ds_config = resume.with_universal_load(complete_ds_config(cfg, world.world_size),
+                                                    self.resume_point)
         self.zero_stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
         self.model_dtype = model_dtype(self.ds_config)
-
-        # resume, part 1: progress and plugin states first, since they decide the architecture
-        self.resume_tag = self._find_resume(cfg.checkpoint.resume)
-        resumed_state = self._load_run_state(self.resume_tag) if self.resume_tag else None
         self.arch = self.plugins.architecture()
         self.model_cfg = self._model_cfg(self.arch)
         if self.resume_tag:   # nothing in the run folder changes before this check passes
@@ -168,7 +171,7 @@ class Trainer:
         return {"model": m.name, "img_size": m.img_size, "patch_size": m.patch_size,
                 "embed_dim": m.embed_dim, "depth": m.depth, "architecture": self.arch,
                 "num_classes": self.num_classes,
-                "plugins": sorted(p.name for p in self.plugins), "world_size": self.world.world_size,
+                "plugins": sorted(p.name for p in self.plugins),
                 # LR and plugin schedules are functions of the step and the run length
                 "total_steps": self.total_steps, "epoch_steps": self.epoch_steps,
                 "zero_stage": self.zero_stage}
@@ -254,46 +257,28 @@ class Trainer:
         path = ckpt.save(self.engine, self.ckpt_dir, s.step, {"config": C.to_dict(self.cfg)}, run_state,
                          {"plugins": self.plugins.state_dict("per_rank")},
                          weights if self.world.rank == 0 else {},
-                         dict(self.fingerprint(), run_id=self.run_id),
+                         dict(self.fingerprint(), run_id=self.run_id, world_size=self.world.world_size,
+                              data_streams=self.cfg.data.streams),
                          self.world.rank, self.cfg.checkpoint.keep_last)
         self.last_checkpoint = path
         self.logger.info("checkpoint %s", path)
         self.meter.pause(time.perf_counter() - t0)
         return path
 
-    def _find_resume(self, where: str) -> Optional[Path]:
-        """The tag to resume from, decided on rank 0: the newest intact one for ``auto`` (newer
-        damaged ones are skipped with a warning), or the path given (refused if damaged)."""
-        if not where:
-            return None
-        if where == "auto":
-            tag_dir, skipped = ckpt.find_resumable(self.ckpt_dir) if self.world.rank == 0 else (None, [])
-            for line in skipped:
-                log.warning("checkpoint.resume=auto skips a damaged checkpoint: %s", line)
-            tag_dir = ckpt.agree(tag_dir)
-            if tag_dir is None:
-                log.info("no intact checkpoint in %s: starting fresh", self.ckpt_dir)
-                return None
-        else:
-            tag_dir = Path(where)
-            wrong = ckpt.problems(tag_dir)
-            if wrong:
-                raise RuntimeError(f"checkpoint {tag_dir} is damaged: {'; '.join(wrong)}; resume from "
-                                   f"another tag, or use checkpoint.resume=auto (the newest intact one)")
-        ckpt.check_compatible(ckpt.read_marker(tag_dir),
-                              {"plugins": sorted(p.name for p in self.plugins)}, tag_dir)
-        return tag_dir
-
-    def _load_run_state(self, tag_dir: Path) -> dict:
-        run_state = ckpt.read_run_state(tag_dir)
-        per_rank = ckpt.read_rank_state(tag_dir, self.world.rank)["plugins"]
+    def _load_run_state(self, point: resume.ResumePoint) -> dict:
+        run_state = ckpt.read_run_state(point.tag_dir)
+        per_rank = resume.rank_plugin_states(point, self.plugins, self.world.rank, self.world.world_size)
         self.plugins.load_state_dict(run_state["plugins"], per_rank)
         return run_state
 
     def _load_engine_state(self, tag_dir: Path, run_state: dict) -> None:
-        ckpt.load(self.engine, tag_dir, self.world.rank)
+        built_groups = resume.group_settings(self.optimizer)
+        ckpt.load(self.engine, tag_dir, self.world.rank, universal=self.resume_point.universal)
+        resume.restore_group_settings(self.optimizer, built_groups)
         s = self.state
         s.step, s.epoch, s.step_in_epoch = run_state["step"], run_state["epoch"], run_state["step_in_epoch"]
+        if self.resume_point.world_size != self.world.world_size:   # no RNG state of this rank saved
+            seed_everything(self.cfg.run.seed + 1_000_003 * s.step + self.world.rank)
         s.steps_per_epoch = self.steps_in_epoch(s.epoch)
         self.best_top1 = run_state.get("best_top1", 0.0)
         if self.ema is not None:

@@ -8,6 +8,9 @@
                   optimizer snapshot before and after, the request, LRs, weight decays, host RSS
 --dump-plugins    every rank writes RUN_DIR/plugins_rank{R}.pt at the end: each plugin's state_dict
                   and rank_state_dict as this rank holds them
+--dump-resumed    every rank writes RUN_DIR/resumed_rank{R}.pt right after the trainer is built (the
+                  checkpoint loaded): the optimizer snapshot by parameter name, each parameter
+                  group's weight decay and its parameters' names, the step; then trains on
 Rank 0 writes RUN_DIR/final_logits.pt: the trained model's logits on 8 fixed training images.
 """
 import os
@@ -66,7 +69,8 @@ def main():
     stop_at, kill_at = flag(args, "--stop-at"), flag(args, "--kill-in-save")
     dump = "--dump-rebuilds" in args
     dump_plugins = "--dump-plugins" in args
-    args = [a for a in args if a not in ("--dump-rebuilds", "--dump-plugins")]
+    dump_resumed = "--dump-resumed" in args
+    args = [a for a in args if a not in ("--dump-rebuilds", "--dump-plugins", "--dump-resumed")]
     cfg = C.load_config("tiny_test", args)
     world = _init_distributed(None)
     C.validate(cfg, world.world_size)
@@ -81,6 +85,11 @@ def main():
                       num_classes=10)
     if dump:
         dump_rebuilds(trainer, cfg.run.dir, world.rank)
+    if dump_resumed:
+        torch.save({"snapshot": rb.capture(trainer.engine).__dict__, "step": trainer.state.step,
+                    "weight_decay": [g["weight_decay"] for g in trainer.optimizer.param_groups],
+                    "built_weight_decay": trainer.weight_decay},
+                   os.path.join(cfg.run.dir, f"resumed_rank{world.rank}.pt"))
 
     save = trainer.save_checkpoint
     def save_and_maybe_stop():

@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dsvit.engine.plugin import ORDER_DATA, Plugin
+from dsvit.engine.plugin import ORDER_DATA, Plugin, reslice_batch
 from dsvit.plugins import register
 from dsvit.plugins.example_pruning import infobatch as IB
 from dsvit.plugins.example_pruning.config import ExamplePruningConfig
@@ -337,3 +337,17 @@ class ExamplePruning(Plugin):
         if self.cfg.per_rank_split:
             self._load_core(state)
         self._saved_events = state.get("events")
+
+    def reshard_rank_state(self, states: list, rank: int, world_size: int) -> dict:
+        """The unfinished epoch's events, row = micro-batch, column = position in the rank's share of
+        the global micro-batch: this rank's slice of every row, so the epoch-end gather sees the
+        events in the (step, global position) order the uninterrupted run would have."""
+        if self.cfg.per_rank_split:   # per-rank statistics do not map to other ranks
+            return super().reshard_rank_state(states, rank, world_size)
+        saved = [s["events"] for s in states if "events" in s]
+        if not saved:
+            return {}
+        if len(saved) != len(states):
+            raise RuntimeError("example_pruning: only some ranks saved events of the unfinished epoch")
+        return {"events": {"epoch": saved[0]["epoch"], "rows": saved[0]["rows"],
+                           "events": reslice_batch([e["events"] for e in saved], rank, world_size, dim=1)}}

@@ -44,7 +44,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dsvit.engine.plugin import ORDER_DEPTH, Plugin
+from dsvit.engine.plugin import ORDER_DEPTH, Plugin, reslice_batch
 from dsvit.engine.rebuild import RebuildRequest
 from dsvit.model import surgery
 from dsvit.plugins import register
@@ -351,6 +351,14 @@ class ProgressiveGrowth(Plugin):
     def load_rank_state_dict(self, state: dict) -> None:
         if self.search is not None:
             self.search.batches = list(state.get("batches", []))
+
+    def reshard_rank_state(self, states: list, rank: int, world_size: int) -> dict:
+        """The scoring batches are slices of global micro-batches: this rank's slice of each."""
+        if not any(states):
+            return {}
+        per_rank = [s["batches"] for s in states]
+        return {"batches": [tuple(reslice_batch([b[j][i] for b in per_rank], rank, world_size) for i in (0, 1))
+                            for j in range(len(per_rank[0]))]}
 
 
 def _plain(v):
