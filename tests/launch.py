@@ -48,14 +48,16 @@ def launch(run_dir: Path, overrides: list[str], world_size: int = 1, extra: list
 def launch_nodes(run_dir: Path, overrides: list[str], nodes: int = 2, extra: list[str] = (),
                  script: Path = SCRIPT) -> list[subprocess.CompletedProcess]:
     """Simulated nodes: one deepspeed launcher per node on 127.0.0.1 (``--no_ssh --node_rank K``,
-    one rank each), as a cluster without ssh between its nodes runs them; all must succeed."""
+    one rank each), as a cluster without ssh between its nodes runs them; all must succeed.
+    ``script="dsvit"``: the real CLI (``--module dsvit``; ``extra`` starts with ``train``)."""
     port = free_port()
     hostfile = Path(run_dir).parent / f"{Path(run_dir).name}.hostfile"
     hostfile.parent.mkdir(parents=True, exist_ok=True)
     hostfile.write_text("".join(f"{h} slots=1\n" for h in ["localhost", "127.0.0.1"][:nodes]))
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([str(DEEPSPEED), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(k),
-                               "--master_addr", "127.0.0.1", "--master_port", str(port), str(script), *extra,
+                               "--master_addr", "127.0.0.1", "--master_port", str(port),
+                               *(["--module", "dsvit"] if script == "dsvit" else [str(script)]), *extra,
                                f"run.dir={run_dir}", *overrides],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for k in range(nodes)]

@@ -3,6 +3,7 @@ process (one launcher each, ``--no_ssh --node_rank K`` on 127.0.0.1) train the s
 checkpointed on 2 ranks resumes on 1 (and 1 on 2) with ``checkpoint.resume=auto``: the same losses
 (fp32, 1e-5 relative), the same plugin decisions, the optimizer state carried (through DeepSpeed's
 universal checkpoint under ZeRO 1-3) with the no-decay group's weight decay still 0."""
+import json
 import shutil
 
 import pytest
@@ -78,3 +79,31 @@ def test_zero1_resumes_on_another_world_size_without_plugins(tmp_path):
     launch(one, common, 1)
     resume_elsewhere(one, tmp_path / "one_to_two", common, 2)
     assert_traces_close(loss_trace(one), loss_trace(tmp_path / "one_to_two"), "ZeRO-1, 1 -> 2 ranks")
+
+
+@pytest.mark.parametrize("mode", ["partitioned", "resampled"])
+def test_every_plugin_on_two_nodes_streaming_shards(tmp_path, mode):
+    """`dsvit train` on 2 simulated nodes from real shards (the synthetic set, 3 shards, 2 streams,
+    2 loader workers per rank): PSS, growth, token pruning and ToE (partitioned) or the attention
+    level and example pruning (resampled) train two epochs; every rank runs every step of
+    every epoch (a rank short of batches fails the trainer's count) and both evaluate. ToE and the
+    attention level do not compose yet (ToE changes the tokens between two mask blocks: refused at
+    the first forward), so each mode runs one of them."""
+    E = "plugins.example_pruning"
+    plugins = ["plugins.pss.enabled=true", "plugins.growth.enabled=true", "plugins.growth.stage_unit=step",
+               "plugins.growth.stage_starts=[0,10,20,30]", "plugins.token_pruning.enabled=true"]
+    if mode == "resampled":   # example pruning refuses partitioned data (its epoch plan)
+        plugins += ["plugins.attention_sparsity.enabled=true", f"{E}.enabled=true", f"{E}.round_epochs=[1]",
+                    f"{E}.remove_fraction=0.1"]
+    else:
+        plugins += ["plugins.toe.enabled=true"]
+    run = tmp_path / mode
+    launch_nodes(run, [f"data.mode={mode}", "data.streams=2", "data.workers=2", "data.synthetic_train=2048",
+                               "data.synthetic_val=100", "train.batch_size=64", "train.epochs=2", "model.depth=4",
+                               "model.img_size=32", "run.precision=fp32", "run.zero_stage=2", *plugins],
+                         2, extra=["train", "--config", "tiny_test"], script="dsvit")
+    rows = [json.loads(x) for x in (run / "tb" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "train/loss" in r]
+    evals = [r for r in rows if "eval/top1" in r]
+    assert steps == list(range(1, steps[-1] + 1)) and len(evals) == 2, (steps, evals)
+    assert [r["model/depth"] for r in rows if "model/depth" in r][-1] == 4

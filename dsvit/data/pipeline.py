@@ -217,7 +217,8 @@ class TrainData:
             streams=tuple((sid, self.assign[sid] if partitioned else None) for sid in self.my_streams),
             seed=self.seed, epoch=epoch, chunk=self.chunk,
             num_batches=self.batches_per_epoch if num_batches is None else num_batches,
-            skip_batches=skip_batches, shuffle_buffer=self.cfg.shuffle_buffer, corrupt=self.cfg.corrupt)
+            skip_batches=skip_batches, shuffle_buffer=self.cfg.shuffle_buffer, corrupt=self.cfg.corrupt,
+            img_size=self.img_size)
 
     def epoch_batches(self, epoch: int, skip_batches: int = 0, num_batches: Optional[int] = None):
         """Batches skip_batches..num_batches-1 of the epoch (default: all batches_per_epoch). A
@@ -253,17 +254,13 @@ class TrainData:
         assert count == num_batches - skip_batches, (count, num_batches, skip_batches)
 
     def _assemble(self, items, g: int):
-        """The rank's micro-batch from its workers' items: chunks back in stream order (worker ``w``
-        holds the rank's streams w, w+W, ...), corrupt slots filled with copies of good samples."""
-        nw, stats = len(items), {}
-        k = len(self.my_streams) // nw
-        size = max(it[1].shape[-1] for it in items)
-
-        def ordered(t):   # [W, k chunks, ...] -> stream order
-            rest = t.shape[2:]
-            return t.reshape(nw, k, self.chunk, *rest).transpose(0, 1).reshape(-1, *rest)
-        images = ordered(torch.stack([it[1].expand(-1, -1, size, size) for it in items]))
-        labels, uids, bad = (ordered(torch.stack([it[j] for it in items])) for j in (2, 3, 4))
+        """The rank's micro-batch from its workers' items (worker ``w`` holds the rank's w-th block of
+        streams, so worker order is stream order), corrupt slots filled with copies of good samples."""
+        stats = {}
+        if len(items) == 1:
+            images, labels, uids, bad = items[0][1:5]
+        else:
+            images, labels, uids, bad = (torch.cat([it[j] for it in items]) for j in range(1, 5))
         for it in items:
             for key, v in it[5].items():
                 stats[key] = stats.get(key, []) + v if key == "short" else stats.get(key, 0) + v
@@ -344,8 +341,8 @@ class EvalData:
         plan = StreamPlan(mode="partitioned", urls=self.urls, lengths=self.lengths, keep=None, active=None,
                           streams=((0, self.assign[self.rank]),), seed=0, epoch=0, chunk=self.batch,
                           num_batches=self.num_batches, skip_batches=0, shuffle_buffer=0,
-                          corrupt=self.cfg.corrupt, train=False)
-        ds = EvalStream(plan, self.transform, self.normalize, self.img_size, self.quotas)
+                          corrupt=self.cfg.corrupt, img_size=self.img_size, train=False)
+        ds = EvalStream(plan, self.transform, self.normalize, self.quotas)
         short = []
         for images, labels, valid, stats in _loader(ds, self.cfg.workers):
             short += stats.pop("short", ())

@@ -7,11 +7,11 @@ own shuffle buffer. Global micro-batch ``g`` is chunk ``g`` of every stream, in 
 chunk is ``B_micro / S`` samples). Rank ``r`` of ``R`` owns streams ``r*S/R .. (r+1)*S/R - 1``, so
 its micro-batch is the concatenation of its streams' chunks, and the global batch does not depend
 on the world size as long as ``S`` is fixed. A loader worker ``w`` of ``W`` (``W`` divides ``S/R``)
-owns the rank's streams ``w, w+W, ...``: it alone opens their shards, so each shard byte is read
+owns the rank's streams ``w*S/(RW) .. (w+1)*S/(RW) - 1``: it alone opens their shards, so each shard byte is read
 once per epoch per rank, and it decodes and augments their chunks; augmentation RNGs are seeded per
 (seed, epoch, stream, g, stage), so nothing depends on the worker count either. A worker yields one
-item per micro-batch (its chunks, concatenated); ``dsvit.data.pipeline`` puts the rank's chunks back
-in stream order and fills corrupt slots.
+item per micro-batch (its chunks, concatenated); ``dsvit.data.pipeline`` concatenates the workers'
+items (worker order is stream order) and fills corrupt slots.
 
 Evaluation (``EvalStream``): a rank's val shards are dealt to its workers (``shards[w::W]``); each
 worker batches its own samples and pads its last batch, and worker 0 adds the fully padded batches
@@ -83,6 +83,7 @@ class StreamPlan:
     skip_batches: int              # leading micro-batches passed over without decoding (resume)
     shuffle_buffer: int            # samples per stream; <= 1: no shuffle buffer
     corrupt: str                   # "raise" or "skip"
+    img_size: int                  # output size (the placeholder of a corrupt or padding slot)
     train: bool = True
 
 
@@ -222,14 +223,15 @@ class SampleDecoder:
             return None
 
     def augment(self, imgs, *seed):
-        """Each stage over the whole list before the next (decode all, crop all, ...): on small images,
-        where Python and Pillow call overhead dominate, that is 1.4-1.6x faster than the whole
-        transform per image (benchmarks/bench_loader_ablation.py). ``seed``: training RNG seed."""
+        """uint8 [n, 3, H, W]. Each stage over the whole list before the next (decode all, crop all,
+        ...): on small images, where Python and Pillow call overhead dominate, that is 1.4-1.6x
+        faster than the whole transform per image (benchmarks/bench_loader_ablation.py). ``seed``:
+        training RNG seed."""
         for k, stage in enumerate(self.stages):
             if seed:
                 seed_rngs(*seed, k)
             imgs = [stage(x) for x in imgs]
-        return self.normalize(stack_images(imgs))
+        return stack_images(imgs)
 
 
 class TrainStream(IterableDataset):
@@ -242,19 +244,16 @@ class TrainStream(IterableDataset):
         self.decoder = SampleDecoder(plan, transform, normalize)
 
     def _chunk(self, raw, sid: int, g: int, stats):
+        """uint8 images (zeros in corrupt slots), labels, uids, corrupt mask of one stream's chunk."""
         p, dec = self.plan, self.decoder
         items = [dec.decode(*r, stats) for r in raw]
         good = [i for i, it in enumerate(items) if it is not None]
-        images = torch.zeros(len(raw), 3, 1, 1)
-        if good:
-            images = dec.augment([items[i][0] for i in good], p.seed, p.epoch, sid, g)
-            if self.eraser is not None:
-                seed_rngs(p.seed, p.epoch, sid, g, len(dec.stages))
-                self.eraser(images)  # per sample, in place
-            if len(good) < len(raw):
-                full = images.new_zeros(len(raw), *images.shape[1:])
+        images = dec.augment([items[i][0] for i in good], p.seed, p.epoch, sid, g) if good else None
+        if len(good) < len(raw):
+            full = torch.zeros(len(raw), 3, p.img_size, p.img_size, dtype=torch.uint8)
+            if good:
                 full[good] = images
-                images = full
+            images = full
         labels = torch.tensor([it[1] if it is not None else 0 for it in items], dtype=torch.long)
         bad = torch.tensor([it is None for it in items], dtype=torch.bool)
         return images, labels, torch.tensor([r[0] for r in raw], dtype=torch.long), bad
@@ -262,7 +261,8 @@ class TrainStream(IterableDataset):
     def __iter__(self):
         p = self.plan
         w, nw = worker_slot()
-        mine = p.streams[w::nw]
+        k = len(p.streams) // nw
+        mine = p.streams[w * k:(w + 1) * k]
         events = [_Events() for _ in mine]
         its = [stream_samples(p, sid, shards, ev) for (sid, shards), ev in zip(mine, events)]
         for it in its:   # resume: pass over the skipped chunks without decoding
@@ -276,27 +276,31 @@ class TrainStream(IterableDataset):
                     raise RuntimeError(f"data stream {sid} ended inside micro-batch {g}")
                 parts.append(self._chunk(raw, sid, g, stats))
                 ev.book(stats)
-            size = max(x.shape[-1] for x, *_ in parts)   # an all-corrupt chunk has 1x1 placeholders
-            parts = [(x.expand(-1, -1, size, size) if x.shape[-1] != size else x, *rest) for x, *rest in parts]
-            yield (g, *(torch.cat(t) for t in zip(*parts)), stats)
+            images, labels, uids, bad = (torch.cat(t) for t in zip(*parts))
+            images = self.decoder.normalize(images)   # once per item: per chunk it costs 8x the calls
+            if self.eraser is not None:
+                for j, (sid, _) in enumerate(mine):   # per sample, in place, seeded per chunk
+                    seed_rngs(p.seed, p.epoch, sid, g, len(self.decoder.stages))
+                    self.eraser(images[j * p.chunk:(j + 1) * p.chunk])
+            yield g, images, labels, uids, bad, stats
 
 
 class EvalStream(IterableDataset):
     """One rank's val pass: yields ``(images, labels, valid, stats)`` batches of ``chunk`` slots; worker
     ``w`` reads shards ``shards[w::W]`` and yields ``quotas[w]`` batches (its samples, then padding)."""
 
-    def __init__(self, plan: StreamPlan, transform, normalize, img_size: int, quotas: list):
-        self.plan, self.img_size, self.quotas = plan, img_size, quotas
+    def __init__(self, plan: StreamPlan, transform, normalize, quotas: list):
+        self.plan, self.quotas = plan, quotas
         self.decoder = SampleDecoder(plan, transform, normalize)
 
     def _batch(self, raw, stats):
-        b, size = self.plan.chunk, self.img_size
+        b, size = self.plan.chunk, self.plan.img_size
         images, labels = torch.zeros(b, 3, size, size), torch.zeros(b, dtype=torch.long)
         valid = torch.zeros(b, dtype=torch.bool)
         items = [self.decoder.decode(*r, stats) for r in raw]
         good = [i for i, it in enumerate(items) if it is not None]
         if good:
-            images[good] = self.decoder.augment([items[i][0] for i in good])
+            images[good] = self.decoder.normalize(self.decoder.augment([items[i][0] for i in good]))
             labels[good] = torch.tensor([items[i][1] for i in good], dtype=torch.long)
             valid[good] = True
         return images, labels, valid
