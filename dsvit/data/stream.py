@@ -92,6 +92,9 @@ class _Events:
     __slots__ = ("counts", "short")
 
     def __init__(self):
+        self.clear()
+
+    def clear(self):
         self.counts, self.short = dict.fromkeys(STREAM_COUNTERS, 0), []
 
     def add(self, name: str, k: int = 1):
@@ -102,7 +105,7 @@ class _Events:
         for k, v in self.counts.items():
             stats[k] = stats.get(k, 0) + v
         stats.setdefault("short", []).extend(self.short)
-        self.__init__()
+        self.clear()
 
 
 class SampleReader:

@@ -83,8 +83,9 @@ class Trainer:
         self.arch = self.plugins.architecture()
         self.model_cfg = self._model_cfg(self.arch)
         if self.resume_tag:   # nothing in the run folder changes before this check passes
-            ckpt.check_compatible(ckpt.read_marker(self.resume_tag), self.fingerprint(), self.resume_tag)
-            self.run_id = ckpt.read_marker(self.resume_tag).get("run_id")
+            marker = self.resume_point.marker   # read once, by resume.point
+            ckpt.check_compatible(marker, self.fingerprint(), self.resume_tag)
+            self.run_id = marker.get("run_id")
         else:
             run_folder.claim(self.run_dir, cfg.run.overwrite, cfg.checkpoint.resume, world.rank, log)
             self.run_id = ckpt.agree(uuid.uuid4().hex[:12])
