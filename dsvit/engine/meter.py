@@ -17,14 +17,15 @@ class StepMeter:
 
     def reset(self, step: int) -> None:
         self.loss_sum.zero_()
-        self.loss_count, self.data_wait, self.tokens, self.paused = 0, 0.0, 0.0, 0.0
+        self.loss_count, self.data_wait, self.tokens, self.macs, self.paused = 0, 0.0, 0.0, 0.0, 0.0
         self.t_last, self.step_last = time.perf_counter(), step
 
-    def micro_batch(self, loss: torch.Tensor, data_wait: float, tokens: float) -> None:
+    def micro_batch(self, loss: torch.Tensor, data_wait: float, tokens: float, macs: float = 0.0) -> None:
         self.loss_sum += loss
         self.loss_count += 1
         self.data_wait += data_wait
         self.tokens += tokens
+        self.macs += macs
 
     def pause(self, seconds: float) -> None:
         self.paused += seconds
@@ -44,6 +45,8 @@ class StepMeter:
         logger.scalar("train/data_wait_s", self.data_wait / n_steps)
         logger.scalar("train/data_wait_fraction", self.data_wait / dt)
         logger.scalar("train/tokens_per_image", self.tokens / self.loss_count)
+        # forward GMACs per image in the blocks: `dsvit bench` integrates it into the FLOP reduction
+        logger.scalar("train/block_gmacs_per_image", self.macs / self.loss_count / 1e9)
         logger.scalar("train/epoch", epoch)
         logger.scalar("time/wall_s", wall_s)
         logger.flush(step)

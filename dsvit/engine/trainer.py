@@ -323,7 +323,7 @@ class Trainer:
             images, labels, uids = next_batch()
             wait = time.perf_counter() - t0
             self.meter.micro_batch(self.train_micro_batch(self._batch(images, labels, uids)), wait,
-                                   self.stage.mean_block_tokens)
+                                   self.stage.mean_block_tokens, self.stage.block_macs)
         if self.zero_stage == 3:
             clear_stale_zero3_grads(self.engine)
         s.step += 1

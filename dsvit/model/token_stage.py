@@ -62,6 +62,7 @@ class TokenStage:
         self.model = None
         self.training = True           # the running model's mode; hooks gate on it
         self.mean_block_tokens = 0.0   # mean sequence length over blocks in the last forward
+        self.block_macs = 0.0          # multiply-accumulates per image in the blocks, last forward
         self.enabled = True            # False: the plain timm loop (suspended())
         self.active_blocks = None      # elastic depth: block indices to run (None: all)
 
@@ -171,7 +172,7 @@ class TokenStage:
     # ------------------------------------------------------------ the loop
     def run_blocks(self, model, x: torch.Tensor) -> torch.Tensor:
         ckpt = model.grad_checkpointing and torch.is_grad_enabled()
-        tokens, run, done = 0, self._block_order(len(model.blocks)), 0
+        tokens, macs, run, done = 0, 0.0, self._block_order(len(model.blocks)), 0
         for i in run:
             mask, inside = None, []
             if self.enabled:
@@ -193,7 +194,9 @@ class TokenStage:
             else:
                 x = _block_forward(blk, x, mask)
             tokens += x.shape[1]
+            macs += block_macs(blk, x.shape[1], x.shape[-1])
         self.mean_block_tokens = tokens / max(1, len(run))
+        self.block_macs = macs
         return x
 
     def _split_block(self, blk, x, mask, hooks, ckpt: bool) -> torch.Tensor:
@@ -222,6 +225,16 @@ class TokenStage:
             raise ValueError(f"active blocks {self.active_blocks} must be ascending, distinct and in "
                              f"[0, {depth})")
         return list(self.active_blocks)
+
+
+def block_macs(blk, tokens: int, width: int) -> float:
+    """Forward multiply-accumulates per image of a pre-norm ViT block on ``tokens`` tokens: qkv and
+    projection (4 d^2 per token), the MLP (2 d h), QK^T and AV (2 T^2 d). Counted at the block's output
+    length, so a block whose attention runs before a token level prunes inside it is slightly
+    undercounted (its attention half only). Attention stays dense: a mask saves nothing here."""
+    fc1 = getattr(getattr(blk, "mlp", None), "fc1", None)
+    hidden = fc1.out_features if fc1 is not None else 4 * width
+    return tokens * (4 * width * width + 2 * width * hidden) + 2 * tokens * tokens * width
 
 
 def take_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
