@@ -104,7 +104,7 @@ def test_composes_with_token_plugins_ema_checkpointing_and_accumulation(tmp_path
     check_resume_equivalence(tmp_path, [
         *BASE, *AUTO, "run.zero_stage=2", "train.ema_decay=0.9", "model.grad_checkpointing=true",
         "train.grad_accum=2", "train.batch_size=32", "plugins.toe.enabled=true",
-        "plugins.toe.stage_starts=[0,0.3,0.6]", "plugins.pss.enabled=true"], 2, k=2)
+        "plugins.toe.stage_starts=[0,0.3,0.6]", "plugins.pss.enabled=true", "plugins.pss.drop_start=0.6"], 2, k=2)
 
 
 def test_zero3_does_not_reapply_a_skipped_layers_gradient(tmp_path):

@@ -87,8 +87,9 @@ def test_every_plugin_on_two_nodes_streaming_shards(tmp_path, mode):
     2 loader workers per rank): PSS, growth, token pruning and ToE (partitioned) or the attention
     level and example pruning (resampled) train two epochs; every rank runs every step of
     every epoch (a rank short of batches fails the trainer's count) and both evaluate. ToE and the
-    attention level do not compose yet (ToE changes the tokens between two mask blocks: refused at
-    the first forward), so each mode runs one of them."""
+    attention level do not compose at growth's first depth (ToE changes the tokens between two mask
+    blocks: refused at start, dsvit.engine.compose), so each mode runs one of them; with ToE, PSS
+    starts at drop 0.6 so that its survivors on 16 px give ToE a seed."""
     E = "plugins.example_pruning"
     plugins = ["plugins.pss.enabled=true", "plugins.growth.enabled=true", "plugins.growth.stage_unit=step",
                "plugins.growth.stage_starts=[0,10,20,30]", "plugins.token_pruning.enabled=true"]
@@ -96,7 +97,7 @@ def test_every_plugin_on_two_nodes_streaming_shards(tmp_path, mode):
         plugins += ["plugins.attention_sparsity.enabled=true", f"{E}.enabled=true", f"{E}.round_epochs=[1]",
                     f"{E}.remove_fraction=0.1"]
     else:
-        plugins += ["plugins.toe.enabled=true"]
+        plugins += ["plugins.toe.enabled=true", "plugins.pss.drop_start=0.6"]
     run = tmp_path / mode
     launch_nodes(run, [f"data.mode={mode}", "data.streams=2", "data.workers=2", "data.synthetic_train=2048",
                                "data.synthetic_val=100", "train.batch_size=64", "train.epochs=2", "model.depth=4",

@@ -33,6 +33,9 @@ Rules the engine enforces:
   grown depth); the model is built from them at start and at resume, before the engine exists.
 - ``plan_epochs(num_samples, epochs)``: a data plugin declares the active sample count of every
   epoch up front, so the run length (hence LR and plugin schedules) is known at start.
+- ``footprint(cfg)`` declares, from the config alone, what the plugin does to the token set and
+  the depth and what it needs (a ``Footprint``); ``dsvit.engine.compose`` checks the plugins'
+  footprints together once at start and refuses combinations that cannot work.
 - Only events that exist may be handled: an ``on_*`` method with another name is refused.
 
 Order: by ``Plugin.order`` (role: data 100 -> tokens 200 -> attention 300 -> depth 400 -> other
@@ -42,7 +45,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -54,6 +57,49 @@ EVENTS = (
 REBUILD_EVENTS = ("epoch_start", "step_start", "after_step", "epoch_end")
 
 ORDER_DATA, ORDER_TOKENS, ORDER_ATTENTION, ORDER_DEPTH, ORDER_OTHER = 100, 200, 300, 400, 500
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Blocks a plugin acts at: absolute ``indices`` (the same at every depth, or, with ``moves``,
+    indices at the initial depth that each rebuild's block map moves: a hook registered once), or
+    blocks derived from the current depth by ``of_depth`` (e.g. fractions of it)."""
+    key: str                                       # the config key that sets them (messages)
+    indices: tuple = ()
+    of_depth: Optional[Callable[[int], list]] = None
+    moves: bool = False
+
+
+@dataclass(frozen=True)
+class TokenSite:
+    """One token-stage hook point of a plugin, in training (the worst case over its schedule).
+    ``where``: after_embed | before_block | after_attention (``TokenStage``'s hook points). Counts
+    are of patch tokens (the class token aside)."""
+    where: str
+    blocks: Optional[Blocks] = None                # None for after_embed
+    kept: Optional[Callable[[int], int]] = None    # n patch tokens in -> fewest left (None: unchanged)
+    kept_keys: tuple = ()                          # config keys that set ``kept``
+    needs: int = 0                                 # patch tokens it needs arriving here
+    needs_keys: tuple = ()
+    why: str = ""                                  # what the need is for, e.g. "one ToE seed"
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What a plugin declares about itself for the start-time composition check."""
+    sites: tuple = ()                              # TokenSite, one per hook point
+    # attention masks built after the attention of each of these blocks (after earlier-ordered hooks
+    # there) and used by every later block up to the next of them: the token set must not change
+    # in between
+    mask_blocks: Optional[Blocks] = None
+    mask_keys: tuple = ()
+    # a depth / input-size plugin: every depth the model may take (ascending, the initial first),
+    # the block map a rebuild from one to another applies, the smallest input side it feeds
+    depths: tuple = ()
+    depth_keys: tuple = ()
+    block_map: Optional[Callable[[int, int], list]] = None
+    min_resolution: int = 0
+    resolution_keys: tuple = ()
 
 
 @dataclass
@@ -153,6 +199,10 @@ class Plugin:
 
     def plan_epochs(self, num_samples: int, epochs: int) -> Optional[list]:
         return None
+
+    def footprint(self, cfg: Any) -> Footprint:
+        """What this plugin does to the tokens and the depth, from the config alone (compose)."""
+        return Footprint()
 
 
 def reslice_batch(parts: list, rank: int, world_size: int, dim: int = 0):

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from dsvit import config as C
 from dsvit.engine import checkpoint as ckpt
+from dsvit.engine.compose import check_composition
 from dsvit.engine import rebuild as rb
 from dsvit.engine import resume
 from dsvit.engine import run_folder
@@ -45,6 +46,7 @@ __all__ = ["Trainer", "World"]
 class Trainer:
     def __init__(self, cfg: C.Config, world: World, plugins: list, train_data=None, eval_data=None,
                  num_classes: Optional[int] = None):
+        check_composition(plugins, cfg)   # before any setup: plugins that cannot work together
         from deepspeed.accelerator import get_accelerator
 
         self.cfg, self.world = cfg, world

@@ -36,7 +36,7 @@ from typing import Optional
 
 import torch
 
-from dsvit.engine.plugin import ORDER_ATTENTION
+from dsvit.engine.plugin import ORDER_ATTENTION, Footprint, TokenSite
 from dsvit.plugins import register
 from dsvit.plugins.levels import ScheduledLevel, pruning_blocks, validate_level
 
@@ -104,6 +104,13 @@ class AttentionSparsity(ScheduledLevel):
         for b in range(self.blocks[0] + 1 if self.blocks else depth, depth):
             stage.set_attn_mask(b, self._provide)
         self._stage = stage
+
+    def footprint(self, cfg) -> Footprint:
+        blocks = self.declared_blocks()
+        masks = blocks if self.cfg.keep_rate < 1 else None     # keep_rate 1 adds no mask at all
+        return Footprint(sites=(TokenSite("after_attention", blocks, needs=1, needs_keys=(blocks.key,),
+                                          why="each patch query keeps ceil(keep_rate x K) >= 1 patch key"),),
+                         mask_blocks=masks, mask_keys=(blocks.key,))
 
     def _build(self, x, attn, stage):
         rate = self.current_rate(stage)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from dsvit.engine.plugin import Plugin
+from dsvit.engine.plugin import Blocks, Plugin
 from dsvit.errors import ConfigError
 
 
@@ -22,7 +22,8 @@ def keep_rate(step: int, total_steps: int, target: float, warmup: float, decay: 
 def pruning_blocks(depth: int, fractions, blocks=(), strict: bool = True) -> list[int]:
     """Explicit block indices, or round(f * depth) for each fraction (at most depth - 1: a shallow
     model early in progressive growth); ascending, distinct. ``strict=False`` (a model still
-    growing) skips explicit blocks it does not have yet instead of refusing them."""
+    growing) skips explicit blocks it does not have yet instead of refusing them; in training the
+    start check (``dsvit.engine.compose``) has refused those already."""
     if not blocks:
         return sorted({min(depth - 1, int(round(f * depth))) for f in fractions})
     bad = [b for b in blocks if not 0 <= b < depth]
@@ -60,6 +61,14 @@ class ScheduledLevel(Plugin):
 
     def _unregister(self) -> None:
         raise NotImplementedError
+
+    def declared_blocks(self) -> Blocks:
+        """The blocks for the start check: explicit (absolute at every depth) or from the depth."""
+        c = self.cfg
+        if c.blocks:
+            return Blocks("blocks", indices=tuple(c.blocks))
+        fractions = tuple(c.block_fractions)
+        return Blocks("block_fractions", of_depth=lambda depth: pruning_blocks(depth, fractions))
 
     def on_fit_start(self, state) -> None:
         self._register(state)

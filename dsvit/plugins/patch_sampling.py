@@ -44,7 +44,7 @@ from typing import Optional
 import torch
 
 from dsvit.errors import ConfigError
-from dsvit.engine.plugin import ORDER_TOKENS, Plugin
+from dsvit.engine.plugin import ORDER_TOKENS, Footprint, Plugin, TokenSite
 from dsvit.plugins import register
 
 SCHEDULES = ("fixed", "linear", "cyclic", "cosine")
@@ -224,6 +224,16 @@ class PatchSampling(Plugin):
             self._gen.manual_seed(self._pending_seed)
             self._pending_seed = None
         return self._gen
+
+    def footprint(self, cfg) -> Footprint:
+        """Training's largest drop ratio (every schedule runs between its two ends; fixed: the start)."""
+        c = self.cfg
+        keys = ("drop_start",) if c.schedule == "fixed" else ("drop_start", "drop_end")
+        drop = quantize(max(getattr(c, k) for k in keys), c.levels)
+        if drop <= 0:
+            return Footprint()
+        return Footprint(sites=(TokenSite("after_embed", kept=lambda n: num_keep(n + 1, drop, 1) - 1,
+                                          kept_keys=keys),))
 
     # ---- the hook
     def __call__(self, x: torch.Tensor, stage) -> torch.Tensor:

@@ -20,7 +20,9 @@ Where our setting deviates from the original (paper and reference code), and why
 - Gating is tied to the running model's mode (``stage.training``); eval, and the EMA copy, always run
   full tokens unless ``sparse_eval`` (the LV-ViT script's never-switched-off eval is not reproduced).
 - P is read from the tensor at call time, so after PSS ToE works on the survivors; at least one seed
-  is kept (floor(P*rho) is 0 only for P < 4 at rho=0.25, i.e. never on real models).
+  is kept (floor(P*rho) is 0 only for P < 4 at rho=0.25). A configuration whose worst case (PSS's
+  largest drop on growth's smallest input, say) leaves the seed fraction no seed is refused at start
+  (``footprint``, ``dsvit.engine.compose``).
 - ``round_multiple`` (off by default) moves the last chunk so the post-ToE sequence length is a
   multiple of e.g. 8 (kernel-friendly shapes); counts then differ from the original's.
 
@@ -44,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from dsvit.errors import ConfigError
-from dsvit.engine.plugin import ORDER_TOKENS, Plugin
+from dsvit.engine.plugin import ORDER_TOKENS, Blocks, Footprint, Plugin, TokenSite
 from dsvit.model.token_stage import add_tokens, take_tokens
 from dsvit.plugins import register
 
@@ -87,6 +89,14 @@ def chunk_sizes(num_patches: int, rho: float, keep_rates: list, stage: int, repe
         base = delta // repeats
         chunks += [base] * (repeats - 1) + [delta - (repeats - 1) * base]
     return chunks
+
+
+def min_patches_for_a_seed(rho: float) -> int:
+    """The fewest patches whose seed fraction gives a seed: floor(P * rho) >= 1."""
+    p = max(1, math.ceil(1 / rho) - 1)
+    while math.floor(p * rho) < 1:
+        p += 1
+    return p
 
 
 def round_chunks(chunks: list[int], n0: int, num_patches: int, num_prefix: int, multiple: int) -> list[int]:
@@ -243,6 +253,27 @@ class TokenExpansion(Plugin):
         seeds = self.seeds_for(num_patches, device)
         chunks = chunk_sizes(num_patches, c.init_keep_rate, c.keep_rates, self.stage, c.repeats)
         return seeds, round_chunks(chunks, len(seeds), num_patches, num_prefix, c.round_multiple)
+
+    def kept_patches(self, num_patches: int, stage: int) -> int:
+        """Patches ToE keeps of ``num_patches`` in ``stage`` (seeds plus chunks)."""
+        c = self.cfg
+        n0 = len(seed_positions(num_patches, c.init_keep_rate, c.seeds))
+        chunks = chunk_sizes(num_patches, c.init_keep_rate, c.keep_rates, stage, c.repeats)
+        return min(num_patches, n0 + sum(round_chunks(chunks, n0, num_patches, 1, c.round_multiple)))
+
+    def footprint(self, cfg) -> Footprint:
+        """Before ``insert_before_block`` (registered once: rebuilds move it by their block map), the
+        fewest patches of any active stage. Fewer than 1 / init_keep_rate patches arriving would leave
+        the seed fraction no seed (the hook then keeps one anyway: a method other than configured)."""
+        c = self.cfg
+        active = [s for s in range(1, len(c.keep_rates) + 1) if is_active(s, c.keep_rates)]
+        where = Blocks("insert_before_block", indices=(c.insert_before_block,), moves=True)
+        if not active:
+            return Footprint(sites=(TokenSite("before_block", where),))
+        return Footprint(sites=(TokenSite(
+            "before_block", where, lambda n: min(self.kept_patches(n, s) for s in active),
+            ("keep_rates", "init_keep_rate"), needs=min_patches_for_a_seed(c.init_keep_rate),
+            needs_keys=("init_keep_rate",), why="its seed fraction must give at least one seed"),))
 
     # ---- the hook
     def __call__(self, x: torch.Tensor, stage) -> torch.Tensor:

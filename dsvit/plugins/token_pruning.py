@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsvit.engine.plugin import ORDER_TOKENS
+from dsvit.engine.plugin import ORDER_TOKENS, Footprint, TokenSite
 from dsvit.errors import ConfigError
 from dsvit.plugins import register
 from dsvit.plugins.levels import ScheduledLevel, keep_rate, pruning_blocks, validate_level  # noqa: F401
@@ -137,6 +137,13 @@ class TokenPruning(ScheduledLevel):
         for b in self.blocks:
             stage.add_after_attention(b, self._hook, need="cls", order=self.order)
         self._stage = stage
+
+    def footprint(self, cfg) -> Footprint:
+        rate, blocks = self.cfg.keep_rate, self.declared_blocks()
+        kept = None if rate >= 1 else (lambda n: num_kept(n, rate))   # the schedule ends at keep_rate
+        return Footprint(sites=(TokenSite(
+            "after_attention", blocks, kept, ("keep_rate",), needs=1, needs_keys=(blocks.key,),
+            why="its top-k keeps ceil(keep_rate x N) >= 1 patch"),))
 
     def _hook(self, x, attn, stage):
         return prune_tokens(x, attn.cls, self.current_rate(stage), stage, self.cfg.fuse,

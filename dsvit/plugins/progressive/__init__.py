@@ -44,7 +44,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dsvit.engine.plugin import ORDER_DEPTH, Plugin, reslice_batch
+from dsvit.engine.plugin import ORDER_DEPTH, Footprint, Plugin, reslice_batch
 from dsvit.engine.rebuild import RebuildRequest
 from dsvit.model import surgery
 from dsvit.plugins import register
@@ -89,6 +89,17 @@ class ProgressiveGrowth(Plugin):
         if self.dynamic:
             arch["dynamic_img_size"] = True
         return arch
+
+    def footprint(self, cfg) -> Footprint:
+        """The stage depths (a search's supernet and its sub-networks among them), MoGrow's block
+        map at every growth, the first stage's input size."""
+        c, m = self.cfg, cfg.model
+        if m.depth is None:       # refused by the config check: nothing to grow to
+            return Footprint()
+        return Footprint(depths=tuple(c.depth_list(m)), block_map=surgery.duplicate_last,
+                         depth_keys=("depths",) if c.depths else ("depth_scale",),
+                         min_resolution=min(c.resolution_list(m)),
+                         resolution_keys=("resolutions",) if c.resolutions else ("resolution_scale",))
 
     def _starts(self, state) -> list[int]:
         c = self.cfg
