@@ -4,6 +4,7 @@
     dsvit eval RUN_DIR [--tag TAG] [--ema] [--keep-rate R[,R...]] [section.key=value ...]
     dsvit export RUN_DIR OUT.safetensors [--tag TAG] [--ema]
     dsvit shards {imagefolder,npz,verify,synthetic} ...
+    dsvit bench {run,report,throughput} ...
 
 Under the DeepSpeed launcher: ``deepspeed --num_gpus N --module dsvit train ...`` (the launcher's
 ``--local_rank`` is accepted). The distributed world comes from the launcher's environment, read
@@ -177,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", action="store_true")
     p.set_defaults(func=cmd_export)
 
+    from dsvit.bench.cli import add_bench_parser
+    add_bench_parser(sub)
+
     try:
         from dsvit.data.cli import add_shards_parser
     except ImportError:
@@ -187,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["bench", "throughput"]:   # its own flags: argparse's REMAINDER would eat them
+        from dsvit.bench.throughput import main as throughput_main
+        return throughput_main(argv[2:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # overrides may follow options (``eval RUN --keep-rate 0.5 data.root=...``)

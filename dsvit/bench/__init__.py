@@ -1,0 +1,1 @@
+"""`dsvit bench`: methods side by side (accuracy runs interleaved on the cores) and throughput-only step speed."""

@@ -1,0 +1,142 @@
+"""``dsvit bench``: run a benchmark spec interleaved on the cores, report it, or measure throughput.
+
+    dsvit bench run SPEC.yaml --dir DIR [--slots K] [--quantum S] [--only A,B] [--results FILE] [k=v ...]
+    dsvit bench report --dir DIR [--results FILE]
+    dsvit bench throughput [--model ...] [--methods ...]      (step speed only; see --help there)
+
+``run`` is resumable: run it again with the same arguments after an interruption. Extra
+``section.key=value`` arguments apply to every run (e.g. ``data.root=/data/cifar10-shards``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from dsvit import config as C
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark methods side by side (interleaved), or their throughput",
+                       description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    bs = p.add_subparsers(dest="bench_command", required=True)
+    r = bs.add_parser("run", help="train every variant x seed of SPEC interleaved, then report")
+    r.add_argument("spec")
+    r.add_argument("--dir", required=True, help="benchmark folder (runs, logs, bench.json, report)")
+    r.add_argument("--slots", type=int, default=len(os.sched_getaffinity(0)),
+                   help="runs going at once, one core each (default: the cores this process may use)")
+    r.add_argument("--quantum", type=float, default=60.0, help="seconds between switches")
+    r.add_argument("--only", default="", help="comma-separated variants to run (default: all)")
+    r.add_argument("--results", default="", help="also write the table into this markdown file")
+    r.add_argument("overrides", nargs="*")
+    r.set_defaults(func=cmd_run)
+    q = bs.add_parser("report", help="write the table and plot of a benchmark folder")
+    q.add_argument("--dir", required=True)
+    q.add_argument("--results", default="")
+    q.set_defaults(func=cmd_report)
+    t = bs.add_parser("throughput", help="step speed of each method's stages (no training)", add_help=False)
+    t.add_argument("rest", nargs="...")
+    t.set_defaults(func=cmd_throughput)
+
+
+def _spec(folder: Path, args=None):
+    from dsvit.bench import spec as S
+    saved = folder / "bench_args.json"
+    if args is not None:
+        given = {"spec": str(Path(args.spec).resolve()), "overrides": list(args.overrides),
+                 "only": [v for v in args.only.split(",") if v]}
+        if saved.exists() and json.loads(saved.read_text()) != given:
+            raise C.ConfigError(f"{folder} holds a benchmark started with other arguments "
+                                f"({saved.read_text().strip()}); use another --dir to start a new one")
+        folder.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(given))
+    if not saved.exists():
+        raise C.ConfigError(f"{folder} is not a benchmark folder (no bench_args.json); run `dsvit bench run` first")
+    given = json.loads(saved.read_text())
+    return S.load(given["spec"], given["overrides"], given["only"])
+
+
+def cmd_run(args) -> int:
+    from dsvit.bench import spec as S
+    from dsvit.bench.scheduler import Interleaver
+    folder = Path(args.dir).resolve()
+    spec = _spec(folder, args)
+    runs = {r.name: r for r in spec.runs}
+
+    def command(name: str) -> list:
+        r = runs[name]
+        recipe = S.write_recipe(r, folder / "recipes")
+        return [sys.executable, "-m", "dsvit", "train", "--config", str(recipe), *r.overrides,
+                f"run.dir={folder / 'runs' / name}", "checkpoint.resume=auto", "log.progress=false"]
+
+    _build_deepspeed_ops()
+    env = dict(os.environ, OMP_NUM_THREADS="1")   # one core per run: torch's own threads stay at one
+    print(f"bench {spec.name}: {len(runs)} runs, {args.slots} at a time, switching every {args.quantum:.0f} s; "
+          f"folder {folder}", flush=True)
+    records = Interleaver(folder, list(runs), command, args.slots, args.quantum, spec.fingerprint(), env,
+                          log=lambda m: print(m, flush=True)).run()
+    failed = [r.name for r in records if r.status == "failed"]
+    _report(folder, spec, args.results)
+    if failed:
+        print(f"bench: failed runs {failed}: see {folder / 'logs'}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _build_deepspeed_ops() -> None:
+    """Compile DeepSpeed's communication op (CPU: shared-memory all-reduce) once, here: left to the
+    runs, the first would build it under a file lock while the others wait on it, and a run stopped
+    while holding the lock stalls the rest, all of it counted as their start-up time."""
+    try:
+        from deepspeed.comm.torch import build_shm_op
+        build_shm_op()
+    except Exception as e:   # an accelerator without the op: the runs say so themselves
+        print(f"bench: could not pre-build DeepSpeed's comm op ({e}); the first run will", flush=True)
+
+
+def cmd_report(args) -> int:
+    folder = Path(args.dir).resolve()
+    _report(folder, _spec(folder), args.results)
+    return 0
+
+
+def _report(folder: Path, spec, results: str) -> None:
+    from dsvit.bench import report as R
+    state = json.loads((folder / "bench.json").read_text())
+    records = {r["name"]: r for r in state["runs"]}
+    done = {}
+    for run in spec.runs:
+        rec = records.get(run.name)
+        if rec and rec["status"] == "done":
+            done[run.name] = R.run_times(rec, folder / "runs" / run.name / "tb" / "metrics.jsonl")
+    cfg = C.load_config(str(folder / "recipes" / f"{spec.runs[0].name}.yaml"), list(spec.runs[0].overrides))
+    global_batch = cfg.train.batch_size   # global per optimizer step
+    variant_of = {r.name: r.variant for r in spec.runs}
+    rows = R.table(done, variant_of, spec.baseline, global_batch, spec.notes())
+    png = folder / "top1_vs_time.png"
+    R.plot(done, variant_of, png)
+    missing = [r.name for r in spec.runs if r.name not in done]
+    body = (f"`dsvit bench run {_rel(Path(json.loads((folder / 'bench_args.json').read_text())['spec']))}` "
+            f"({len(done)} runs, {state['slots']} at a time, switched every {state['quantum_s']:.0f} s)\n\n"
+            + R.markdown(rows, spec.baseline)
+            + (f"\nNot finished: {', '.join(missing)}\n" if missing else ""))
+    (folder / "report.md").write_text(body)
+    print(body)
+    print(f"plot: {png}")
+    if results:
+        path = Path(results)
+        path.write_text(R.replace_section(path.read_text() if path.exists() else "", spec.name, body))
+        print(f"wrote the table into {path}")
+
+
+def _rel(p: Path) -> str:
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
+
+
+def cmd_throughput(args) -> int:
+    from dsvit.bench.throughput import main
+    return main(args.rest)

@@ -1,0 +1,157 @@
+"""The benchmark's table and plot, from each run's metrics.jsonl and the scheduler's pause record.
+
+Per run (``RunTimes``): end to end = active wall-clock from process start to exit (start-up, data
+set-up, evaluations, checkpoints and engine rebuilds included); in steps = the sum of the logged
+step times (``train/step_time_s`` x steps per logging window; the trainer already leaves evaluation
+and checkpoint time out of them) minus the stopped time that fell inside each window; training
+MACs = sum over windows of steps x ``train/block_gmacs_per_image`` (forward, blocks only; backward
+is a fixed multiple of it, so the ratio is the FLOP reduction).
+
+Per variant, over its seeds: top-1 mean and spread (max - min), speed-up = baseline's mean end-to-end
+time / the variant's, the same in steps, images/s in steps, FLOP reduction = baseline's training MACs /
+the variant's, efficiency = speed-up in steps / FLOP reduction (1.0: the saved FLOPs turn into time
+one for one; the end-to-end speed-up also pays for what happens outside the steps).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def overlap(a0: float, a1: float, intervals: list) -> float:
+    """Seconds of [a0, a1] covered by ``intervals`` ([start, end] pairs, end None = still open)."""
+    return sum(max(0.0, min(a1, e if e is not None else a1) - max(a0, s)) for s, e in intervals)
+
+
+def active_at(t: float, segments: list, pauses: list) -> float:
+    """Active seconds of a run up to wall time ``t``: its launches up to t minus its stops."""
+    launched = sum(max(0.0, min(t, e if e is not None else t) - s) for s, e in segments)
+    return launched - overlap(float("-inf"), t, pauses)
+
+
+@dataclass
+class RunTimes:
+    name: str
+    top1: float
+    evals: list            # (active seconds, top-1) at every evaluation
+    end_to_end_s: float
+    steps_s: float
+    steps: int
+    train_macs: float      # sum of steps x forward GMACs per image (relative units)
+    restarts: int
+
+
+def run_times(record: dict, metrics: Path, global_batch: int = 1) -> RunTimes:
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    segments, pauses = record["segments"], record["pauses"]
+    evals = [(active_at(r["time"], segments, pauses), r["eval/top1"]) for r in rows if "eval/top1" in r]
+    if not evals:
+        raise ValueError(f"{metrics}: no evaluation logged; did the run finish?")
+    steps_s, macs, steps, prev_t, prev_step = 0.0, 0.0, 0, None, 0
+    for r in rows:
+        if "train/step_time_s" in r:
+            if r["step"] <= prev_step:   # a resumed run logs its redone steps again: count them once
+                prev_step = r["step"] - 1
+            n = r["step"] - prev_step
+            logged = n * r["train/step_time_s"]
+            start = prev_t if prev_t is not None else r["time"] - logged
+            steps_s += max(0.1 * logged, logged - overlap(start, r["time"], pauses))
+            macs += n * r.get("train/block_gmacs_per_image", float("nan"))
+            steps += n
+            prev_step = r["step"]
+        prev_t = r["time"]
+    return RunTimes(record["name"], evals[-1][1], evals, record["active_s"], steps_s, steps, macs,
+                    record.get("restarts", 0))
+
+
+@dataclass
+class Row:
+    variant: str
+    seeds: int
+    top1: float
+    spread: float
+    delta: float
+    end_to_end_s: float
+    speedup: float
+    steps_speedup: float
+    images_per_s: float
+    flop_reduction: float
+    efficiency: float
+    restarts: int
+    note: str = ""
+
+
+def table(runs: dict, variant_of: dict, baseline: str, global_batch: int, notes: dict = None) -> list[Row]:
+    """``runs``: name -> RunTimes; ``variant_of``: name -> variant label (the spec's order)."""
+    by_variant: dict[str, list[RunTimes]] = {}
+    for name, variant in variant_of.items():
+        if name in runs:
+            by_variant.setdefault(variant, []).append(runs[name])
+    if baseline not in by_variant:
+        raise ValueError(f"the baseline '{baseline}' has no finished run yet")
+    mean = lambda xs: statistics.fmean(xs)   # noqa: E731
+    base = by_variant[baseline]
+    b_e2e, b_steps = mean([r.end_to_end_s for r in base]), mean([r.steps_s for r in base])
+    b_top1, b_macs = mean([r.top1 for r in base]), mean([r.train_macs for r in base])
+    rows = []
+    for variant, rs in by_variant.items():
+        top1 = [r.top1 for r in rs]
+        e2e, steps_s, macs = mean([r.end_to_end_s for r in rs]), mean([r.steps_s for r in rs]), mean(
+            [r.train_macs for r in rs])
+        flop_red = b_macs / macs
+        note = (notes or {}).get(variant, "")
+        if len(rs) < 2 and variant != baseline and abs(mean(top1) - b_top1) < 1.0:
+            note = (note + "; " if note else "") + "one seed, difference < 1 pt: needs a second seed"
+        rows.append(Row(variant, len(rs), mean(top1), max(top1) - min(top1), mean(top1) - b_top1, e2e,
+                        b_e2e / e2e, b_steps / steps_s,
+                        global_batch * mean([r.steps for r in rs]) / steps_s, flop_red,
+                        (b_steps / steps_s) / flop_red, sum(r.restarts for r in rs), note))
+    return rows
+
+
+def markdown(rows: list[Row], baseline: str) -> str:
+    out = ["| method | seeds | top-1 mean (spread) | vs baseline | end to end | speed-up | in steps | "
+           "images/s | FLOP reduction | efficiency |", "|" + "---|" * 10]
+    for r in rows:
+        delta = "" if r.variant == baseline else f"{r.delta:+.2f} pt"
+        mark = " (restarted)" if r.restarts else ""
+        out.append(f"| {r.variant}{mark} | {r.seeds} | {r.top1:.2f} ({r.spread:.2f}) | {delta} | "
+                   f"{r.end_to_end_s:.0f} s | **{r.speedup:.2f}x** | {r.steps_speedup:.2f}x | "
+                   f"{r.images_per_s:.0f} | {r.flop_reduction:.2f}x | {r.efficiency:.2f} |")
+    notes = [f"- {r.variant}: {r.note}" for r in rows if r.note]
+    return "\n".join(out + ([""] + notes if notes else [])) + "\n"
+
+
+def plot(runs: dict, variant_of: dict, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours, styles = {}, ["-", "--", ":", "-."]
+    for name, variant in variant_of.items():
+        if name not in runs:
+            continue
+        c = colours.setdefault(variant, f"C{len(colours) % 10}")
+        seen = sum(1 for n, v in variant_of.items() if v == variant and n in runs and n < name)
+        t, acc = zip(*runs[name].evals)
+        ax.plot([x / 60 for x in t], acc, marker="o", color=c, linestyle=styles[seen % 4],
+                label=variant if seen == 0 else None)
+    ax.set_xlabel("wall-clock, active (min)")
+    ax.set_ylabel("top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def replace_section(document: str, name: str, body: str) -> str:
+    """Put ``body`` between this benchmark's markers in ``document`` (appended if absent)."""
+    start, end = f"<!-- dsvit bench {name}: start -->", f"<!-- dsvit bench {name}: end -->"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    if start in document and end in document:
+        head, rest = document.split(start, 1)
+        return head + block + rest.split(end, 1)[1]
+    return document.rstrip() + "\n\n" + block + "\n"

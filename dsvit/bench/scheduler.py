@@ -1,0 +1,218 @@
+"""Run N benchmark variants interleaved on K cores, so that machine drift hits all of them equally.
+
+This box's speed drifts by tens of percent within an hour (benchmarks/RESULTS.md), so runs made one
+after another are not comparable at the few-percent level. ``benchmarks/side_by_side.sh`` solved it
+for two runs (one core each, same hour). Here it is generalised to any number of runs on any number
+of cores: every run is started as its own process group, and every ``quantum_s`` the scheduler lets
+the K runs with the least active time so far continue (SIGCONT, each pinned to its own core, its
+loader worker with it) and stops the rest (SIGSTOP). All runs therefore progress through the same
+stretch of wall-clock time at the same rate, and each run's clock is its *active* time: wall-clock
+from its start to its exit minus the intervals it was stopped, which are recorded in ``bench.json``
+(time.time(), the clock of the runs' metrics.jsonl). The report subtracts them from every interval a
+run measured itself.
+
+Resumable: ``bench.json`` is rewritten at every quantum. A benchmark that is interrupted (Ctrl-C, a
+killed shell, a reboot) kills its runs; started again with the same spec it kills any leftovers,
+restarts every unfinished run with ``checkpoint.resume=auto`` (it continues from its last
+checkpoint) and keeps adding to its active time. Work redone after an interruption therefore
+counts, and the report marks such runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+
+@dataclass
+class RunRecord:
+    name: str
+    status: str = "pending"          # pending | running | done | failed
+    active_s: float = 0.0
+    segments: list = field(default_factory=list)    # [start, end] of each launch (time.time())
+    pauses: list = field(default_factory=list)      # [stop, cont] intervals while launched
+    restarts: int = 0
+    returncode: Optional[int] = None
+    pgid: Optional[int] = None
+
+
+def pick_active(records: list[RunRecord], slots: int) -> list[str]:
+    """The runs to keep going this quantum: unfinished ones with the least active time (ties: the
+    spec's order). Pure, so the policy is tested without processes."""
+    todo = [(r.active_s, i, r.name) for i, r in enumerate(records) if r.status in ("pending", "running")]
+    return [name for _, _, name in sorted(todo)[:slots]]
+
+
+def process_group_pids(pgid: int) -> list[int]:
+    pids = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(f"/proc/{entry.name}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[2]) == pgid:   # field 5: pgrp
+                pids.append(int(entry.name))
+    return pids
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+class Interleaver:
+    """Drives the runs of one benchmark folder; ``command(name)`` gives a run's argv (the same on a restart:
+    the runs resume from their own last checkpoint)."""
+
+    def __init__(self, folder: Path, names: list[str], command: Callable[[str], list],
+                 slots: int, quantum_s: float = 60.0, fingerprint: str = "", env: Optional[dict] = None,
+                 cores: Optional[list[int]] = None, log=print):
+        self.folder, self.command, self.slots, self.quantum_s = Path(folder), command, slots, quantum_s
+        self.env, self.log = env, log
+        self.cores = cores if cores is not None else sorted(os.sched_getaffinity(0))
+        self.state_path = self.folder / "bench.json"
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.stopped_at: dict[str, float] = {}
+        self.records = self._load(names, fingerprint)
+
+    # ------------------------------------------------------------ state
+    def _load(self, names: list[str], fingerprint: str) -> list[RunRecord]:
+        old = {}
+        if self.state_path.exists():
+            saved = json.loads(self.state_path.read_text())
+            if fingerprint and saved.get("fingerprint") not in ("", fingerprint):
+                raise RuntimeError(f"{self.folder} holds a benchmark made with another spec (or other "
+                                   f"overrides); use another --dir, or delete {self.state_path} to start over")
+            old = {r["name"]: RunRecord(**r) for r in saved["runs"]}
+        self.fingerprint = fingerprint
+        records = [old.get(n, RunRecord(n)) for n in names]
+        for r in records:
+            if r.pgid is not None and r.status == "running":   # left over from an interrupted bench
+                _signal_group(r.pgid, signal.SIGCONT)
+                _signal_group(r.pgid, signal.SIGKILL)
+                r.status, r.pgid = "pending", None
+                if r.segments and r.segments[-1][1] is None:
+                    r.segments[-1][1] = r.pauses[-1][0] if r.pauses and r.pauses[-1][1] is None else time.time()
+                if r.pauses and r.pauses[-1][1] is None:
+                    r.pauses[-1][1] = r.segments[-1][1]
+        return records
+
+    def save(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "slots": self.slots,
+                                   "quantum_s": self.quantum_s,
+                                   "runs": [vars(r) for r in self.records]}, indent=1))
+        os.replace(tmp, self.state_path)
+
+    # ------------------------------------------------------------ processes
+    def _start(self, r: RunRecord) -> None:
+        resume = bool(r.segments)
+        if resume:
+            r.restarts += 1
+        log_path = self.folder / "logs" / f"{r.name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        out = open(log_path, "a")
+        self.procs[r.name] = subprocess.Popen(self.command(r.name), stdout=out, stderr=subprocess.STDOUT,
+                                              start_new_session=True, env=self.env)
+        out.close()
+        r.pgid, r.status = self.procs[r.name].pid, "running"
+        r.segments.append([time.time(), None])
+        self.log(f"bench: {'resumed' if resume else 'started'} {r.name} (log {log_path})")
+
+    def _pin(self, r: RunRecord, core: int) -> None:
+        for pid in process_group_pids(r.pgid):
+            try:
+                os.sched_setaffinity(pid, {core})
+            except OSError:
+                pass
+
+    def _stop(self, r: RunRecord, now: float) -> None:
+        if r.name in self.procs and r.name not in self.stopped_at:
+            _signal_group(r.pgid, signal.SIGSTOP)
+            self.stopped_at[r.name] = now
+            r.pauses.append([now, None])
+
+    def _cont(self, r: RunRecord, now: float) -> None:
+        if r.name in self.stopped_at:
+            _signal_group(r.pgid, signal.SIGCONT)
+            del self.stopped_at[r.name]
+            r.pauses[-1][1] = now
+
+    def _reap(self, now: float) -> None:
+        for name, proc in list(self.procs.items()):
+            if proc.poll() is None:
+                continue
+            r = self._record(name)
+            r.returncode, r.pgid = proc.returncode, None
+            r.status = "done" if proc.returncode == 0 else "failed"
+            r.segments[-1][1] = now
+            del self.procs[name]
+            self.stopped_at.pop(name, None)
+            self.log(f"bench: {name} {r.status} (exit {proc.returncode}) after {r.active_s:.0f} s active")
+
+    def _record(self, name: str) -> RunRecord:
+        return next(r for r in self.records if r.name == name)
+
+    # ------------------------------------------------------------ the loop
+    def run(self, tick_s: float = 1.0) -> list[RunRecord]:
+        last = time.time()
+        next_switch = 0.0
+        try:
+            while any(r.status in ("pending", "running") for r in self.records):
+                now = time.time()
+                for name in self.procs:
+                    if name not in self.stopped_at:
+                        self._record(name).active_s += now - last
+                last = now
+                self._reap(now)
+                if now >= next_switch or len([n for n in self.procs if n not in self.stopped_at]) < self.slots:
+                    self._schedule(now)
+                    next_switch = now + self.quantum_s
+                    self.save()
+                time.sleep(tick_s)
+            self.save()
+        except BaseException:
+            self.shutdown()
+            raise
+        return self.records
+
+    def _schedule(self, now: float) -> None:
+        chosen = pick_active(self.records, self.slots)
+        for r in self.records:
+            if r.name not in chosen:
+                self._stop(r, now)
+        for core, name in zip(self.cores * self.slots, chosen):
+            r = self._record(name)
+            if name not in self.procs:
+                self._start(r)
+            self._cont(r, now)
+            self._pin(r, core)
+
+    def shutdown(self) -> None:
+        """Kill every run (an interrupted benchmark); bench.json keeps what they had done."""
+        now = time.time()
+        for name, proc in self.procs.items():
+            r = self._record(name)
+            if name in self.stopped_at:
+                r.pauses[-1][1] = now
+            _signal_group(proc.pid, signal.SIGCONT)
+            _signal_group(proc.pid, signal.SIGTERM)
+        for name, proc in self.procs.items():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc.pid, signal.SIGKILL)
+            r = self._record(name)
+            r.segments[-1][1], r.pgid, r.status = now, None, "pending"
+        self.procs.clear()
+        self.stopped_at.clear()
+        self.save()

@@ -1,0 +1,199 @@
+"""`dsvit bench`: the scheduling policy, the timing arithmetic of the report, the spec's checks, and
+the interleaver on real (tiny) processes, interrupted and resumed."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dsvit.bench import report as R
+from dsvit.bench import spec as S
+from dsvit.bench.scheduler import Interleaver, RunRecord, pick_active
+from dsvit.errors import ConfigError
+
+
+def test_pick_active_takes_least_active_unfinished_runs_in_spec_order_on_ties():
+    recs = [RunRecord("a", "running", 30.0), RunRecord("b", "pending", 0.0), RunRecord("c", "done", 0.0),
+            RunRecord("d", "running", 10.0), RunRecord("e", "pending", 0.0)]
+    assert pick_active(recs, 2) == ["b", "e"]
+    assert pick_active(recs, 3) == ["b", "e", "d"]
+    assert pick_active([RunRecord("x", "failed")], 1) == []
+
+
+def test_overlap_and_active_time():
+    pauses = [[10.0, 20.0], [30.0, None]]
+    assert R.overlap(0, 15, pauses) == 5
+    assert R.overlap(12, 35, pauses) == 8 + 5
+    segments = [[0.0, 40.0], [50.0, None]]   # a restart after an interruption at 40
+    # launched 40 + 10 (50..60), stopped 10 (10..20) + 10 (30..40)
+    assert R.active_at(60.0, segments, [[10.0, 20.0], [30.0, 40.0]]) == 30.0
+
+
+def _metrics(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_run_times_subtracts_pauses_inside_logged_step_windows(tmp_path):
+    # steps 1-10 logged at t=110 with 5 s/step (50 s); the run was stopped 100..105 inside that window
+    rows = [{"time": 60.0, "step": 0, "eval/top1": 10.0},
+            {"time": 110.0, "step": 10, "train/step_time_s": 5.0, "train/block_gmacs_per_image": 2.0},
+            {"time": 130.0, "step": 20, "train/step_time_s": 2.0, "train/block_gmacs_per_image": 1.0},
+            {"time": 135.0, "step": 20, "eval/top1": 42.0}]
+    record = {"name": "r", "segments": [[50.0, 140.0]], "pauses": [[100.0, 105.0]], "active_s": 85.0,
+              "restarts": 0}
+    t = R.run_times(record, _metrics(tmp_path / "m.jsonl", rows))
+    assert t.steps == 20
+    assert t.steps_s == pytest.approx(50 - 5 + 20)
+    assert t.train_macs == pytest.approx(10 * 2.0 + 10 * 1.0)
+    assert t.top1 == 42.0 and t.end_to_end_s == 85.0
+    assert t.evals == [(10.0, 10.0), (80.0, 42.0)]   # active seconds: 135 - 50 - 5 stopped
+
+
+def test_run_times_counts_redone_steps_of_a_resumed_run_once(tmp_path):
+    rows = [{"time": 10.0, "step": 10, "train/step_time_s": 1.0, "train/block_gmacs_per_image": 1.0},
+            # killed after step 10, resumed from the checkpoint at step 5: steps 6..10 logged again
+            {"time": 30.0, "step": 10, "train/step_time_s": 1.0, "train/block_gmacs_per_image": 1.0},
+            {"time": 40.0, "step": 20, "train/step_time_s": 1.0, "train/block_gmacs_per_image": 1.0},
+            {"time": 41.0, "step": 20, "eval/top1": 50.0}]
+    record = {"name": "r", "segments": [[0.0, 12.0], [20.0, 42.0]], "pauses": [], "active_s": 34.0}
+    t = R.run_times(record, _metrics(tmp_path / "m.jsonl", rows))
+    assert t.steps == 20 + 1   # the repeated window counts one step, not ten
+    with pytest.raises(ValueError, match="no evaluation"):
+        R.run_times(record, _metrics(tmp_path / "n.jsonl", rows[:1]))
+
+
+def _times(name, top1, e2e, steps_s, macs, steps=100):
+    return R.RunTimes(name, top1, [(e2e, top1)], e2e, steps_s, steps, macs, 0)
+
+
+def test_table_ratios_against_the_baseline_mean():
+    runs = {"base-s0": _times("base-s0", 50.0, 100.0, 80.0, 1000.0), "base-s1": _times("base-s1", 52.0, 120.0, 100.0, 1000.0),
+            "fast-s0": _times("fast-s0", 50.5, 50.0, 30.0, 400.0)}
+    variant_of = {"base-s0": "base", "base-s1": "base", "fast-s0": "fast", "fast-s1": "fast"}
+    rows = {r.variant: r for r in R.table(runs, variant_of, "base", global_batch=10)}
+    b, f = rows["base"], rows["fast"]
+    assert (b.seeds, b.top1, b.spread, b.speedup) == (2, 51.0, 2.0, 1.0)
+    assert f.delta == pytest.approx(-0.5)
+    assert f.speedup == pytest.approx(110 / 50) and f.steps_speedup == pytest.approx(90 / 30)
+    assert f.flop_reduction == pytest.approx(2.5) and f.efficiency == pytest.approx(3.0 / 2.5)
+    assert f.images_per_s == pytest.approx(10 * 100 / 30)
+    assert "second seed" in f.note   # one seed, within 1 pt of the baseline
+    text = R.markdown(list(rows.values()), "base")
+    assert "| fast | 1 | 50.50 (0.00) | -0.50 pt |" in text and "**2.20x**" in text
+    with pytest.raises(ValueError, match="baseline"):
+        R.table({"fast-s0": runs["fast-s0"]}, variant_of, "base", 10)
+
+
+def test_replace_section_appends_once_then_replaces_in_place():
+    doc = "# Results\n\nintro\n"
+    once = R.replace_section(doc, "b", "table 1")
+    assert once.startswith(doc.rstrip()) and "table 1" in once
+    twice = R.replace_section(once + "\n## later\n", "b", "table 2")
+    assert "table 1" not in twice and "table 2" in twice and twice.endswith("## later\n")
+    assert twice.count("dsvit bench b: start") == 1
+
+
+def _write_spec(tmp_path, variants, **top):
+    spec = {"name": "t", "recipe": "tiny_test", "seeds": [0, 1], "variants": variants, **top}
+    path = tmp_path / "spec.yaml"
+    path.write_text(json.dumps(spec))   # JSON is YAML
+    return path
+
+
+def test_spec_expands_variants_and_seeds_and_validates_every_run(tmp_path):
+    path = _write_spec(tmp_path, {"baseline": {}, "toe": {"overrides": ["plugins.toe.enabled=true"], "seeds": [3]},
+                                  "stack": {"plugins_from": "stack", "overrides": ["model.depth=4"]}})
+    spec = S.load(path, ["train.epochs=1"])
+    assert [r.name for r in spec.runs] == ["baseline-s0", "baseline-s1", "toe-s3", "stack-s0", "stack-s1"]
+    assert spec.runs[2].overrides[-2:] == ("run.seed=3", "train.epochs=1")
+    assert "growth" in spec.runs[3].recipe["plugins"] and spec.runs[3].recipe["base"] == "tiny_test"
+    assert [r.name for r in S.load(path, (), ["toe"]).runs] == ["toe-s3"]
+    assert S.load(path).fingerprint() != S.load(path, ["train.epochs=1"]).fingerprint()
+    with pytest.raises(ConfigError, match="--only nope"):
+        S.load(path, (), ["nope"])
+
+
+@pytest.mark.parametrize("variants,top,message", [
+    ({"x": {}}, {}, "baseline 'baseline' is not one of the variants"),
+    ({"baseline": {"overide": []}}, {}, "variant 'baseline': unknown key"),
+    ({"baseline": {}}, {"seed": [0]}, "unknown key"),
+    ({"baseline": {"overrides": ["plugins.toe.keep_rate=2"]}}, {}, "run 'baseline-s0'"),
+])
+def test_spec_errors_name_the_key(tmp_path, variants, top, message):
+    with pytest.raises(ConfigError, match=message):
+        S.load(_write_spec(tmp_path, variants, **top))
+
+
+# ---------------------------------------------------------------- the interleaver, on real processes
+# A "run" counts to N in 20 ms ticks, appending each tick's time to its file; SIGSTOP freezes it.
+COUNTER = ("import sys, time\npath, n = sys.argv[1], int(sys.argv[2])\n"
+           "done = sum(1 for _ in open(path)) if __import__('os').path.exists(path) else 0\n"
+           "with open(path, 'a') as f:\n    for _ in range(n - done):\n"
+           "        time.sleep(0.02); f.write(f'{time.time()}\\n'); f.flush()\n")
+
+
+def _command(tmp_path, n):
+    script = tmp_path / "counter.py"
+    script.write_text(COUNTER)
+    return lambda name: [sys.executable, str(script), str(tmp_path / f"{name}.ticks"), str(n)]
+
+
+def test_interleaver_runs_one_at_a_time_on_one_slot_and_finishes_all(tmp_path):
+    il = Interleaver(tmp_path / "b", ["a", "b", "c"], _command(tmp_path, 40), slots=1, quantum_s=0.3,
+                     cores=[0], log=lambda m: None)
+    records = il.run(tick_s=0.02)
+    assert [r.status for r in records] == ["done"] * 3
+    assert sum(1 for _ in open(tmp_path / "a.ticks")) == 40
+    assert all(r.pauses for r in records[:2])   # each was stopped while another ran
+    # never two at once: between any two ticks of one run, no other run ticked unless it was paused
+    ticks = sorted((float(t), n) for n in "abc" for t in open(tmp_path / f"{n}.ticks"))
+    switches = sum(1 for (_, x), (_, y) in zip(ticks, ticks[1:]) if x != y)
+    assert switches <= len([p for r in records for p in r.pauses]) + 2
+    saved = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert [r["status"] for r in saved["runs"]] == ["done"] * 3
+
+
+def test_interleaver_interrupted_resumes_unfinished_runs_and_keeps_their_time(tmp_path):
+    folder = tmp_path / "b"
+    il = Interleaver(folder, ["a", "b"], _command(tmp_path, 60), slots=1, quantum_s=0.2, cores=[0],
+                     fingerprint="f1", log=lambda m: None)
+    il._schedule(time.time())
+    time.sleep(0.5)
+    il.records[0].active_s = 0.5
+    il.shutdown()   # what Ctrl-C does
+    first = json.loads((folder / "bench.json").read_text())["runs"][0]
+    assert first["status"] == "pending" and first["segments"][0][1] is not None
+    with pytest.raises(RuntimeError, match="another spec"):
+        Interleaver(folder, ["a", "b"], _command(tmp_path, 60), 1, fingerprint="f2", log=lambda m: None)
+    il2 = Interleaver(folder, ["a", "b"], _command(tmp_path, 60), slots=1, quantum_s=0.2, cores=[0],
+                      fingerprint="f1", log=lambda m: None)
+    records = il2.run(tick_s=0.02)
+    assert [r.status for r in records] == ["done", "done"]
+    assert records[0].restarts == 1 and len(records[0].segments) == 2 and records[0].active_s > 0.5
+    assert sum(1 for _ in open(tmp_path / "a.ticks")) == 60   # continued, not started over
+
+
+def test_interleaver_kills_runs_left_over_by_a_killed_benchmark(tmp_path):
+    folder = tmp_path / "b"
+    folder.mkdir()
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    (folder / "bench.json").write_text(json.dumps({"fingerprint": "", "runs": [
+        {"name": "a", "status": "running", "active_s": 3.0, "segments": [[0.0, None]], "pauses": [],
+         "restarts": 0, "returncode": None, "pgid": orphan.pid}]}))
+    il = Interleaver(folder, ["a"], _command(tmp_path, 1), slots=1, cores=[0], log=lambda m: None)
+    assert orphan.wait(timeout=10) == -signal.SIGKILL
+    assert il.records[0].status == "pending" and il.records[0].segments[0][1] is not None
+    assert os.path.exists(folder / "bench.json")
+
+
+def test_spec_refuses_a_run_whose_plugins_cannot_compose(tmp_path):
+    # the token level pruning inside the span of an attention mask: the composition check's refusal
+    path = _write_spec(tmp_path, {"baseline": {"overrides": [
+        "model.depth=4", "plugins.token_pruning.enabled=true", "plugins.token_pruning.blocks=[1,2]",
+        "plugins.attention_sparsity.enabled=true", "plugins.attention_sparsity.blocks=[1,3]"]}})
+    with pytest.raises(ConfigError, match=r"run 'baseline-s0'.*token_pruning changes the token set inside block 2"):
+        S.load(path)

@@ -1,0 +1,95 @@
+"""``dsvit bench throughput`` on a tiny model: table structure, MAC counts, the stack's invariant.
+No timing thresholds (the numbers are noisy; only their bookkeeping is checked)."""
+import pytest
+import torch
+
+from dsvit.bench import throughput as T
+
+TINY = ["--model", "vit_tiny_patch16_224", "--img", "32", "--patch", "4", "--embed-dim", "64",
+        "--depth", "4", "--heads", "2", "--classes", "10", "--batch", "2", "--rounds", "2",
+        "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def result():
+    args = T.parse_args(TINY)
+    torch.set_num_threads(1)
+    line, peak = T.device_info(torch.device("cpu"), args.dtype, 100.0)
+    return T.measure("vit_tiny_patch16_224", args, torch.device("cpu"), peak), line
+
+
+def rows_of(res, method):
+    return [r for r in res["rows"] if r["method"] == method]
+
+
+def whole(res, method):
+    return next(r for r in rows_of(res, method) if r["stage"] == "whole run")
+
+
+def test_table_structure(result):
+    res, line = result
+    text = T.table(res, line)
+    lines = text.strip().splitlines()
+    assert lines[0].startswith("### vit_tiny_patch16_224 32 px, batch 2, 2 interleaved rounds")
+    assert lines[1].startswith("device: cpu") and "torch" in lines[1] and "timm" in lines[1] and "fp32" in lines[1]
+    body = [ln for ln in lines if ln.startswith("| ") and not ln.startswith("| method")]
+    assert len(body) == len(res["rows"]) and all(ln.count("|") == 11 for ln in body)
+    # stages per method (+ one whole-run row each, baseline excepted); shares sum to 1
+    want = {"baseline": 1, "toe": 3, "pss": 5, "token_pruning": 1, "growth": 4, "stack": 6}
+    for method, n in want.items():
+        rows = rows_of(res, method)
+        stages = [r for r in rows if r["stage"] != "whole run"]
+        assert len(stages) == n and len(rows) == n + (method != "baseline")
+        assert sum(r["share"] for r in stages) == pytest.approx(1.0)
+    base = rows_of(res, "baseline")[0]
+    assert base["speedup"] == base["mac_reduction"] == base["efficiency"] == 1.0
+    for r in res["rows"]:
+        assert r["s_per_step"] > 0 and r["efficiency"] == pytest.approx(r["speedup"] / r["mac_reduction"])
+
+
+def test_baseline_macs_match_formula(result):
+    res, _ = result
+    d, depth, h, p, img, classes = 64, 4, 4 * 64, 4, 32, 10
+    n = (img // p) ** 2
+    t = n + 1                                       # + CLS
+    blocks = depth * (t * (4 * d * d + 2 * d * h) + 2 * t * t * d)
+    want = blocks + n * 3 * p * p * d + d * classes  # + patch embed and head
+    assert rows_of(res, "baseline")[0]["gmacs"] * 1e9 == pytest.approx(want, rel=1e-12)
+    assert rows_of(res, "baseline")[0]["tokens"] == t
+    # ToE's keep-1.0 stage and PSS's keep 1.0 are the baseline computation itself
+    assert rows_of(res, "toe")[2]["mac_reduction"] == 1.0 and rows_of(res, "pss")[-2]["mac_reduction"] == 1.0
+
+
+def test_stack_reduces_macs_more_than_each_component(result):
+    res, _ = result
+    stack = whole(res, "stack")["mac_reduction"]
+    for method in ("growth", "toe", "token_pruning"):
+        assert stack > whole(res, method)["mac_reduction"], method
+    # per stretch of the run: never below its growth stage or the token level alone
+    growth = {r["stage"].split(":")[0].split()[1]: r["mac_reduction"]
+              for r in rows_of(res, "growth") if r["stage"] != "whole run"}
+    tp = rows_of(res, "token_pruning")[0]["mac_reduction"]
+    for r in rows_of(res, "stack")[:-1]:
+        g = r["stage"].split()[1]
+        assert r["mac_reduction"] >= max(growth[g], tp) * (1 - 1e-12), r["stage"]
+
+
+def test_no_mfu_on_cpu(result, tmp_path):
+    res, line = result
+    assert res["peak_tflops"] is None and all(r["mfu"] is None for r in res["rows"])
+    assert "MFU" not in T.table(res, line)
+    out = tmp_path / "t.md"
+    argv = TINY[:-4] + ["--rounds", "1", "--device", "cpu", "--methods", "baseline", "--peak-tflops", "50",
+                        "--out", str(out)]
+    assert T.main(argv) == 0 and T.main(argv) == 0          # appends
+    text = out.read_text()
+    assert text.count("### vit_tiny") == 2 and "MFU" not in text
+
+
+def test_known_peaks_and_arguments():
+    assert T.PEAK_BF16_TFLOPS["H200"] == T.PEAK_BF16_TFLOPS["H100"] == 989.0
+    assert T.PEAK_BF16_TFLOPS["A100"] == 312.0
+    args = T.parse_args(["--device", "cpu", "--methods", "baseline,toe", "stack"])
+    assert args.methods == ["baseline", "toe", "stack"] and args.dtype == "fp32"
+    with pytest.raises(SystemExit):
+        T.parse_args(["--device", "cpu", "--methods", "nope"])
