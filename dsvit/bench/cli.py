@@ -113,7 +113,11 @@ def _report(folder: Path, spec, results: str) -> None:
     cfg = C.load_config(str(folder / "recipes" / f"{spec.runs[0].name}.yaml"), list(spec.runs[0].overrides))
     global_batch = cfg.train.batch_size   # global per optimizer step
     variant_of = {r.name: r.variant for r in spec.runs}
-    rows = R.table(done, variant_of, spec.baseline, global_batch, spec.notes())
+    try:
+        rows = R.table(done, variant_of, spec.baseline, global_batch, spec.notes())
+    except ValueError as e:   # e.g. --only without the baseline: the runs are kept, there is no table
+        print(f"bench: no table: {e} (ratios need it: run it too, with --only {spec.baseline},...)", flush=True)
+        return
     png = folder / "top1_vs_time.png"
     R.plot(done, variant_of, png)
     missing = [r.name for r in spec.runs if r.name not in done]
