@@ -1,7 +1,6 @@
 """`dsvit bench`: the scheduling policy, the timing arithmetic of the report, the spec's checks, and
 the interleaver on real (tiny) processes, interrupted and resumed."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -187,7 +186,6 @@ def test_interleaver_kills_runs_left_over_by_a_killed_benchmark(tmp_path):
     il = Interleaver(folder, ["a"], _command(tmp_path, 1), slots=1, cores=[0], log=lambda m: None)
     assert orphan.wait(timeout=10) == -signal.SIGKILL
     assert il.records[0].status == "pending" and il.records[0].segments[0][1] is not None
-    assert os.path.exists(folder / "bench.json")
 
 
 def test_spec_refuses_a_run_whose_plugins_cannot_compose(tmp_path):

@@ -43,7 +43,7 @@ class RunTimes:
     restarts: int
 
 
-def run_times(record: dict, metrics: Path, global_batch: int = 1) -> RunTimes:
+def run_times(record: dict, metrics: Path) -> RunTimes:
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     segments, pauses = record["segments"], record["pauses"]
     evals = [(active_at(r["time"], segments, pauses), r["eval/top1"]) for r in rows if "eval/top1" in r]

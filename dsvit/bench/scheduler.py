@@ -82,6 +82,7 @@ class Interleaver:
         self.procs: dict[str, subprocess.Popen] = {}
         self.stopped_at: dict[str, float] = {}
         self.records = self._load(names, fingerprint)
+        self.by_name = {r.name: r for r in self.records}
 
     # ------------------------------------------------------------ state
     def _load(self, names: list[str], fingerprint: str) -> list[RunRecord]:
@@ -151,16 +152,13 @@ class Interleaver:
         for name, proc in list(self.procs.items()):
             if proc.poll() is None:
                 continue
-            r = self._record(name)
+            r = self.by_name[name]
             r.returncode, r.pgid = proc.returncode, None
             r.status = "done" if proc.returncode == 0 else "failed"
             r.segments[-1][1] = now
             del self.procs[name]
             self.stopped_at.pop(name, None)
             self.log(f"bench: {name} {r.status} (exit {proc.returncode}) after {r.active_s:.0f} s active")
-
-    def _record(self, name: str) -> RunRecord:
-        return next(r for r in self.records if r.name == name)
 
     # ------------------------------------------------------------ the loop
     def run(self, tick_s: float = 1.0) -> list[RunRecord]:
@@ -171,7 +169,7 @@ class Interleaver:
                 now = time.time()
                 for name in self.procs:
                     if name not in self.stopped_at:
-                        self._record(name).active_s += now - last
+                        self.by_name[name].active_s += now - last
                 last = now
                 self._reap(now)
                 if now >= next_switch or len([n for n in self.procs if n not in self.stopped_at]) < self.slots:
@@ -191,7 +189,7 @@ class Interleaver:
             if r.name not in chosen:
                 self._stop(r, now)
         for core, name in zip(self.cores * self.slots, chosen):
-            r = self._record(name)
+            r = self.by_name[name]
             if name not in self.procs:
                 self._start(r)
             self._cont(r, now)
@@ -201,7 +199,7 @@ class Interleaver:
         """Kill every run (an interrupted benchmark); bench.json keeps what they had done."""
         now = time.time()
         for name, proc in self.procs.items():
-            r = self._record(name)
+            r = self.by_name[name]
             if name in self.stopped_at:
                 r.pauses[-1][1] = now
             _signal_group(proc.pid, signal.SIGCONT)
@@ -211,7 +209,7 @@ class Interleaver:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 _signal_group(proc.pid, signal.SIGKILL)
-            r = self._record(name)
+            r = self.by_name[name]
             r.segments[-1][1], r.pgid, r.status = now, None, "pending"
         self.procs.clear()
         self.stopped_at.clear()

@@ -206,8 +206,9 @@ def _keys(p, keys) -> str:
 
 def _timm_default(cfg, what: str) -> int:
     """The timm model's own depth or patch size where ``cfg.model`` leaves it unset."""
-    if what == "patch" and re.search(r"patch(\d+)", cfg.model.name):
-        return int(re.search(r"patch(\d+)", cfg.model.name).group(1))
+    named = re.search(r"patch(\d+)", cfg.model.name)
+    if what == "patch" and named:
+        return int(named.group(1))
     import torch
     from dsvit.model.vit import create_vit
     with torch.device("meta"):     # no memory, no init: only the structure is read

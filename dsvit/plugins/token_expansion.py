@@ -249,17 +249,18 @@ class TokenExpansion(Plugin):
         return self._seeds[key]
 
     def plan(self, num_patches: int, num_prefix: int, device):
-        c = self.cfg
         seeds = self.seeds_for(num_patches, device)
-        chunks = chunk_sizes(num_patches, c.init_keep_rate, c.keep_rates, self.stage, c.repeats)
-        return seeds, round_chunks(chunks, len(seeds), num_patches, num_prefix, c.round_multiple)
+        return seeds, self._chunks(num_patches, len(seeds), num_prefix, self.stage)
+
+    def _chunks(self, num_patches: int, num_seeds: int, num_prefix: int, stage: int) -> list[int]:
+        c = self.cfg
+        chunks = chunk_sizes(num_patches, c.init_keep_rate, c.keep_rates, stage, c.repeats)
+        return round_chunks(chunks, num_seeds, num_patches, num_prefix, c.round_multiple)
 
     def kept_patches(self, num_patches: int, stage: int) -> int:
         """Patches ToE keeps of ``num_patches`` in ``stage`` (seeds plus chunks)."""
-        c = self.cfg
-        n0 = len(seed_positions(num_patches, c.init_keep_rate, c.seeds))
-        chunks = chunk_sizes(num_patches, c.init_keep_rate, c.keep_rates, stage, c.repeats)
-        return min(num_patches, n0 + sum(round_chunks(chunks, n0, num_patches, 1, c.round_multiple)))
+        n0 = len(seed_positions(num_patches, self.cfg.init_keep_rate, self.cfg.seeds))
+        return min(num_patches, n0 + sum(self._chunks(num_patches, n0, 1, stage)))
 
     def footprint(self, cfg) -> Footprint:
         """Before ``insert_before_block`` (registered once: rebuilds move it by their block map), the
