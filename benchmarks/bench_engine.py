@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 def build(args):
     from dsvit import config as C
-    from dsvit.cli import _init_distributed
+    from dsvit.cli import init_distributed
     from dsvit.data.memory import MemoryEvalData, MemoryTrainData, random_dataset
     from dsvit.engine.trainer import Trainer
 
@@ -45,7 +45,7 @@ def build(args):
         "log.tensorboard=false", "log.progress=false", "log.every_steps=10",
     ]
     cfg = C.load_config("default", overrides)
-    world = _init_distributed(None)
+    world = init_distributed(None)
     C.validate(cfg, world.world_size)
     n = args.batch * 4
     images, labels = random_dataset(n, args.img, 100, seed=1)

@@ -55,7 +55,8 @@ def main() -> None:
 
     from dsvit.config import ModelConfig, load_config, validate
     from dsvit.data.memory import MemoryTrainData
-    from dsvit.engine.plugin import Batch, PluginSet, State
+    from dsvit.engine.plugin import Batch, State
+    from dsvit.engine.plugin_set import PluginSet
     from dsvit.model.vit import build_model
     from dsvit.plugins.example_pruning import ExamplePruning
 
@@ -84,14 +85,13 @@ def main() -> None:
                                              f"plugins.example_pruning.policy={policy}",
                                              "plugins.example_pruning.log_images=0"])
         validate(cfg)
-        p = ExamplePruning(cfg.plugins["example_pruning"])
+        p = ExamplePruning(cfg.plugins["example_pruning"], cfg)
         ps = PluginSet([p])
-        ps.configure(cfg)
         data = MemoryTrainData(torch.zeros(n, 1, 1, 1), torch.zeros(n, dtype=torch.long), rank=0,
                                world_size=1, local_batch=b)
         plan = p.plan_epochs(n, 10)
         steps = tuple(data.batches_for(k) for k in plan)
-        s = State(cfg=cfg, rank=0, world_size=1, model=model, token_stage=stage, logger=Log(), data=data,
+        s = State(rank=0, world_size=1, model=model, token_stage=stage, logger=Log(), data=data,
                   num_classes=10, epoch_steps=steps, total_steps=sum(steps))
         ps.fire("fit_start", s)
         return p, ps, s

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from dsvit.config import ModelConfig
 from dsvit.model import surgery
 from dsvit.model.vit import build_model
-from dsvit.plugins.progressive import schedule as S
+from dsvit.plugins.growth import schedule as S
 
 
 def step_fn(model, stage, images, labels, res, active=None):

@@ -244,11 +244,11 @@ def worker(args) -> None:
     import torch.nn.functional as F
     from deepspeed.accelerator import get_accelerator
     from dsvit import config as C
-    from dsvit.cli import _init_distributed
+    from dsvit.cli import init_distributed
     from dsvit.engine.setup import build_engine, clear_stale_zero3_grads, complete_ds_config, model_dtype
     from dsvit.model.vit import build_model
 
-    world = _init_distributed(None)
+    world = init_distributed(None)
     comm = CommCounter()
     rss_start, _ = rss_mib()
     cfg = C.Config()

@@ -39,13 +39,13 @@ def step_variants(names, model, stage, cfg):
         out = []
         if name.startswith("tp"):
             rate = int(name[2]) / 10
-            out.append(TP.TokenPruning(TP.TokenPruningConfig(keep_rate=rate, warmup=0, decay=0)))
+            out.append(TP.TokenPruning(TP.TokenPruningConfig(keep_rate=rate, warmup=0, decay=0), cfg))
         if name.startswith("as"):
             out.append(AS.AttentionSparsity(AS.AttentionSparsityConfig(keep_rate=int(name[2]) / 10,
-                                                                       warmup=0, decay=0)))
+                                                                       warmup=0, decay=0), cfg))
         if name == "tri":
-            out += [TP.TokenPruning(TP.TokenPruningConfig(keep_rate=0.9, warmup=0, decay=0)),
-                    AS.AttentionSparsity(AS.AttentionSparsityConfig(keep_rate=0.1, warmup=0, decay=0))]
+            out += [TP.TokenPruning(TP.TokenPruningConfig(keep_rate=0.9, warmup=0, decay=0), cfg),
+                    AS.AttentionSparsity(AS.AttentionSparsityConfig(keep_rate=0.1, warmup=0, decay=0), cfg)]
         return out
 
     def explicit(x, attn, s):   # forces the full attention matrix at the block (the original)
@@ -56,7 +56,7 @@ def step_variants(names, model, stage, cfg):
         ps = plugins(name)
 
         def add(ps=ps, name=name):
-            state = State(cfg=cfg, rank=0, world_size=1, model=model, token_stage=stage, total_steps=1)
+            state = State(rank=0, world_size=1, model=model, token_stage=stage, total_steps=1)
             for p in ps:
                 p.on_fit_start(state)
             if name.endswith("-explicit"):
@@ -93,8 +93,7 @@ def run_steps(args):
     mcfg = ModelConfig(name=args.model, img_size=args.img, patch_size=args.patch, embed_dim=args.embed_dim,
                        depth=args.depth, num_heads=args.heads)
     model, stage = build_model(mcfg, 10)
-    cfg = Config()
-    cfg.model = mcfg
+    cfg = Config(model=mcfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     x, y = torch.randn(args.batch, 3, args.img, args.img), torch.randint(0, 10, (args.batch,))
     names = args.variants.split(",")

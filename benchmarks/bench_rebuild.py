@@ -40,14 +40,14 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     from dsvit import config as C
-    from dsvit.cli import _init_distributed
+    from dsvit.cli import init_distributed
     from dsvit.data.memory import MemoryEvalData, MemoryTrainData, random_dataset
     from dsvit.engine import rebuild as rb
     from dsvit.engine.plugin import Plugin
     from dsvit.engine.trainer import Trainer
     from dsvit.model import surgery
 
-    world = _init_distributed(None)
+    world = init_distributed(None)
     overrides = [f"run.dir={tempfile.mkdtemp(prefix='bench_rebuild_')}", "run.ds_config=zero0",
                  f"run.zero_stage={args.zero}", "run.precision=fp32", f"model.name={args.model}",
                  f"model.img_size={args.img}", f"model.depth={args.depth}", f"model.embed_dim={args.width}",

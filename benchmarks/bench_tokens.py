@@ -13,7 +13,7 @@ each variant only changes which hooks sit on the model's token stage:
                   repeats 2, before block 1) fixed at stage 1 (98 patches) / stage 2 (147 patches);
 - ``cut1/cut2``:  the same token counts as toe1/toe2 from the same block, by keeping the first tokens:
                   ToE without its selection and merge work (toeN vs cutN is ToE's own overhead);
-- ``pssK``:       ``patch_sampling.inference_hook(K/10, "magnitude")`` after the embedding
+- ``pssK``:       ``pss.inference_hook(K/10, "magnitude")`` after the embedding
                   (keep 0.2/0.4/0.6/0.8 = drop 0.8/0.6/0.4/0.2; prefix tokens counted, as in PSS).
 
 A training step is forward + cross-entropy + backward + AdamW step on one pre-made batch. After a
@@ -63,8 +63,8 @@ def forward_macs(tokens: list[int], c: int, p: int, patch: int, classes: int, ml
 
 # ---------------------------------------------------------------- variants
 def make_variants(names, stage, depth, p, npt, c):
-    from dsvit.plugins.patch_sampling import inference_hook, num_keep
-    from dsvit.plugins.token_expansion import ToEConfig, TokenExpansion
+    from dsvit.plugins.pss import inference_hook, num_keep
+    from dsvit.plugins.toe import ToEConfig, TokenExpansion
 
     full = npt + p
     out = {}

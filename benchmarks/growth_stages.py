@@ -18,7 +18,7 @@ import json
 import statistics
 from pathlib import Path
 
-from dsvit.plugins.progressive.schedule import candidate_macs
+from dsvit.plugins.growth.schedule import candidate_macs
 
 
 def rows(run):

@@ -37,10 +37,11 @@ def _world_from_env(args):
                           MASTER_PORT=str(port))
     local_rank = int(os.environ.get("LOCAL_RANK", getattr(args, "local_rank", 0) or 0))
     return World(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
-                  local_rank=local_rank)
+                 local_rank=local_rank, master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                 master_port=int(os.environ.get("MASTER_PORT", "0")))
 
 
-def _init_distributed(args):
+def init_distributed(args):
     import deepspeed
     world = _world_from_env(args)
     deepspeed.init_distributed(verbose=False)
@@ -68,16 +69,16 @@ def _release_shm_buffer_name(rank: int) -> None:
 
 def cmd_train(args) -> int:
     cfg = C.load_config(args.config, args.overrides)
-    world = _init_distributed(args)
+    world = init_distributed(args)
     C.validate(cfg, world.world_size)
     from dsvit.engine import failure
     from dsvit.engine.trainer import Trainer
     from dsvit.registry import build_plugins
     failure.set_collective_timeout(cfg.run.collective_timeout_s)
     run_dir = Path(cfg.run.dir)
-    peers = failure.Peers(world.rank, world.world_size) if world.world_size > 1 else None
+    peers = failure.Peers(world) if world.world_size > 1 else None
     try:
-        trainer = Trainer(cfg, world, build_plugins(cfg.plugins))
+        trainer = Trainer(cfg, world, build_plugins(cfg))
         metrics = trainer.fit()
     except RuntimeError as e:   # torch.distributed's errors are RuntimeErrors
         line = failure.explain(e, peers, cfg, world.rank)
@@ -117,7 +118,7 @@ def cmd_eval(args) -> int:
         if not values:
             raise C.ConfigError(f"{flag} needs one value or a comma-separated list, got {text!r}")
         sweep = (name, key, flag, values)
-    world = _init_distributed(args)
+    world = init_distributed(args)
     return run_eval(Path(args.run_dir), args.overrides, world, build_plugins, tag=args.tag,
                     ema=args.ema, sweep=sweep)
 
@@ -132,7 +133,8 @@ def cmd_export(args) -> int:
     out = export_safetensors(tag_dir, Path(args.out), ema=args.ema)
     cfg = C.from_dict(__import__("yaml").safe_load((Path(args.run_dir) / "config.yaml").read_text()))
     from dsvit.engine.checkpoint import read_marker
-    cfg.model = dataclasses.replace(cfg.model, **read_marker(tag_dir).get("architecture", {}))
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                             **read_marker(tag_dir).get("architecture", {})))
     print(f"wrote {out} from {tag_dir}{' (EMA)' if args.ema else ''}\nload it with: "
           f"timm.create_model('{cfg.model.name}', pretrained=True, "
           f"pretrained_cfg_overlay=dict(file='{out}', num_classes={cfg.model.num_classes}), "

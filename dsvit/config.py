@@ -2,6 +2,9 @@
 
 Configuration flows one way: ``load_config`` builds a :class:`Config` once at start, ``validate``
 checks it (errors name the key and say what to change), and components receive their own section.
+Every section is a frozen dataclass and ``Config.plugins`` a read-only mapping: a value is never
+changed after loading; a derived one (the data's class count) makes a new config with
+``dataclasses.replace`` (``dsvit.engine.build.resolve``), and ``apply_override`` returns a new config.
 Plugin sections are declared by the plugins themselves (``dsvit.registry``) so this module
 names no plugin.
 """
@@ -24,7 +27,24 @@ RECIPE_DIR = PACKAGE_DIR / "recipes"
 DS_CONFIG_DIR = PACKAGE_DIR.parent / "ds_configs"
 
 
-@dataclass
+class FrozenDict(dict):
+    """A dict that refuses changes after construction (``Config.plugins``): the config is read-only."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("the configuration is read-only after loading; make a new one with "
+                        "dsvit.config.apply_override or dataclasses.replace")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _refuse  # type: ignore
+
+    def __reduce__(self):
+        return FrozenDict, (dict(self),)
+
+    def __deepcopy__(self, memo):
+        import copy
+        return FrozenDict({k: copy.deepcopy(v, memo) for k, v in self.items()})
+
+
+@dataclass(frozen=True)
 class RunConfig:
     dir: str = "runs/default"        # run directory: logs, resolved config, checkpoints
     seed: int = 0
@@ -36,7 +56,7 @@ class RunConfig:
     collective_timeout_s: float = 600.0  # a collective stuck this long (lost/hung rank) ends the run
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     name: str = "vit_tiny_patch16_224"
     img_size: int = 224
@@ -52,7 +72,7 @@ class ModelConfig:
     dynamic_img_size: bool = False     # inputs of any size divisible by the patch (one position table)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     root: str = "synthetic"            # shard folder with _info.json, or "synthetic" (embedded dataset)
     train_split: str = "train"
@@ -78,7 +98,7 @@ class DataConfig:
     synthetic_val: int = 2000
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10
     batch_size: int = 128              # global batch per optimizer step (all ranks, all micro-steps)
@@ -99,7 +119,7 @@ class TrainConfig:
     eval_every_epochs: int = 1
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
     every_steps: int = 0               # 0: only at epoch ends
     every_epochs: int = 1
@@ -107,7 +127,7 @@ class CheckpointConfig:
     resume: str = ""                   # "" | auto | path to a checkpoint tag directory
 
 
-@dataclass
+@dataclass(frozen=True)
 class LogConfig:
     every_steps: int = 10
     tensorboard: bool = True
@@ -115,7 +135,7 @@ class LogConfig:
     image_every_steps: int = 0         # plugins' image grids; 0 = off
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -123,7 +143,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    plugins: dict = field(default_factory=dict)   # name -> plugin config dataclass
+    plugins: dict = field(default_factory=lambda: FrozenDict())   # name -> plugin config dataclass
 
 
 SECTIONS = [f.name for f in fields(Config)]
@@ -187,13 +207,16 @@ def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
     return ConfigError(f"unknown key '{where}{key}'{hint}; valid keys at this level: {', '.join(valid)}")
 
 
-def _set_fields(obj: Any, values: dict, where: str) -> None:
+def _set_fields(obj: Any, values: dict, where: str) -> Any:
+    """``obj`` (a frozen section) with ``values`` set, coerced to the fields' types."""
     hints = get_type_hints(type(obj))
     names = [f.name for f in fields(obj)]
+    changes = {}
     for k, v in values.items():
         if k not in names:
             raise _unknown_key(k, names, where)
-        setattr(obj, k, _coerce(v, hints[k], where + k))
+        changes[k] = _coerce(v, hints[k], where + k)
+    return dataclasses.replace(obj, **changes)
 
 
 def _plugin_registry() -> dict:
@@ -201,18 +224,19 @@ def _plugin_registry() -> dict:
     return plugin_registry()
 
 
-def _set_plugin(cfg: Config, name: str, values: dict) -> None:
+def _set_plugin(cfg: Config, name: str, values: dict) -> Config:
     registry = _plugin_registry()
     if name not in registry:
         raise _unknown_key(name, sorted(registry), "plugins.")
-    if name not in cfg.plugins:
-        cfg.plugins[name] = registry[name].config_class()
     if not isinstance(values, dict):
         raise ConfigError(f"plugins.{name} must be a mapping of keys, got {values!r}")
-    _set_fields(cfg.plugins[name], values, f"plugins.{name}.")
+    section = cfg.plugins[name] if name in cfg.plugins else registry[name].config_class()
+    section = _set_fields(section, values, f"plugins.{name}.")
+    return dataclasses.replace(cfg, plugins=FrozenDict({**cfg.plugins, name: section}))
 
 
-def apply_mapping(cfg: Config, data: dict) -> None:
+def apply_mapping(cfg: Config, data: dict) -> Config:
+    """A new config: ``cfg`` with a recipe-shaped mapping ``{section: {key: value}}`` applied."""
     for section, values in (data or {}).items():
         if section not in SECTIONS:
             raise _unknown_key(section, SECTIONS, "")
@@ -222,12 +246,15 @@ def apply_mapping(cfg: Config, data: dict) -> None:
             raise ConfigError(f"section '{section}' must be a mapping of keys, got {values!r}")
         if section == "plugins":
             for name, pv in values.items():
-                _set_plugin(cfg, name, pv or {})
+                cfg = _set_plugin(cfg, name, pv or {})
         else:
-            _set_fields(getattr(cfg, section), values, section + ".")
+            cfg = dataclasses.replace(cfg, **{section: _set_fields(getattr(cfg, section), values,
+                                                                   section + ".")})
+    return cfg
 
 
-def apply_override(cfg: Config, item: str) -> None:
+def apply_override(cfg: Config, item: str) -> Config:
+    """A new config: ``cfg`` with one ``section.key=value`` override applied."""
     if "=" not in item:
         raise ConfigError(f"override '{item}' is not of the form section.key=value")
     key, value = item.split("=", 1)
@@ -237,15 +264,22 @@ def apply_override(cfg: Config, item: str) -> None:
     if parts[0] == "plugins":
         if len(parts) != 3:
             raise ConfigError(f"'{key}': plugin overrides look like plugins.NAME.KEY=VALUE")
-        _set_plugin(cfg, parts[1], {parts[2]: yaml.safe_load(value) if value else value})
-        return
+        return _set_plugin(cfg, parts[1], {parts[2]: yaml.safe_load(value) if value else value})
     if len(parts) != 2:
         raise ConfigError(f"'{key}': overrides look like section.key=value, e.g. train.lr=5e-4")
     parsed = yaml.safe_load(value) if value != "" else ""
-    _set_fields(getattr(cfg, parts[0]), {parts[1]: parsed if parsed is not None else value}, parts[0] + ".")
+    section = _set_fields(getattr(cfg, parts[0]), {parts[1]: parsed if parsed is not None else value},
+                          parts[0] + ".")
+    return dataclasses.replace(cfg, **{parts[0]: section})
 
 
-def _apply_recipe(cfg: Config, name_or_path: str, seen: tuple = ()) -> None:
+def apply_overrides(cfg: Config, items) -> Config:
+    for item in items or []:
+        cfg = apply_override(cfg, item)
+    return cfg
+
+
+def _apply_recipe(cfg: Config, name_or_path: str, seen: tuple = ()) -> Config:
     """Apply a recipe; a top-level ``base: NAME`` is applied first, so recipes state only changes."""
     path = recipe_path(name_or_path)
     if path in seen:
@@ -263,28 +297,22 @@ def _apply_recipe(cfg: Config, name_or_path: str, seen: tuple = ()) -> None:
                           f"{type(data).__name__}")
     base = data.pop("base", None)
     if base:
-        _apply_recipe(cfg, base, seen + (path,))
-    apply_mapping(cfg, data)
+        cfg = _apply_recipe(cfg, base, seen + (path,))
+    return apply_mapping(cfg, data)
 
 
 def load_config(recipe: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
-    cfg = Config()
-    _apply_recipe(cfg, recipe or "default")
-    for item in overrides or []:
-        apply_override(cfg, item)
-    return cfg
+    return apply_overrides(_apply_recipe(Config(), recipe or "default"), overrides)
 
 
 def to_dict(cfg: Config) -> dict:
-    out = dataclasses.asdict(cfg)
+    out = {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS if name != "plugins"}
     out["plugins"] = {k: dataclasses.asdict(v) for k, v in cfg.plugins.items()}
     return out
 
 
 def from_dict(data: dict) -> Config:
-    cfg = Config()
-    apply_mapping(cfg, data)
-    return cfg
+    return apply_mapping(Config(), data)
 
 
 def save_resolved(cfg: Config, path: Path) -> None:

@@ -8,8 +8,7 @@ plugin class carries ``config_class``, a dataclass with at least ``enabled: bool
 from __future__ import annotations
 
 REGISTRY: dict = {}
-BUILTIN = ("attention_sparsity", "example_pruning", "patch_sampling", "progressive", "token_expansion",
-           "token_pruning", "visualize")
+BUILTIN = ("attention_sparsity", "example_pruning", "growth", "pss", "toe", "token_pruning", "token_viz")
 
 
 def register(cls):
@@ -27,7 +26,9 @@ def plugin_registry() -> dict:
     return REGISTRY
 
 
-def build_plugins(plugin_cfgs: dict) -> list:
-    """Instantiate the enabled plugins of a validated config."""
+def build_plugins(config) -> list:
+    """Instantiate the enabled plugins of a validated ``dsvit.config.Config``: each gets its own
+    section and the whole config, the one way configuration reaches a plugin."""
     registry = plugin_registry()
-    return [registry[name](pcfg) for name, pcfg in plugin_cfgs.items() if getattr(pcfg, "enabled", True)]
+    return [registry[name](pcfg, config) for name, pcfg in config.plugins.items()
+            if getattr(pcfg, "enabled", True)]

@@ -6,7 +6,8 @@ import torch
 
 from dsvit.config import load_config, validate
 from dsvit.data.memory import MemoryTrainData, random_dataset
-from dsvit.engine.plugin import Batch, PluginSet, State
+from dsvit.engine.plugin import Batch, State
+from dsvit.engine.plugin_set import PluginSet
 from dsvit.plugins.example_pruning import ExamplePruning
 
 
@@ -52,12 +53,11 @@ class Run:
             data = MemoryTrainData(images, labels, rank=rank, world_size=world,
                                    local_batch=t.batch_size // (world * t.grad_accum), seed=cfg.run.seed)
         self.data, n = data, data.num_samples
-        self.plugin = ExamplePruning(cfg.plugins["example_pruning"])
+        self.plugin = ExamplePruning(cfg.plugins["example_pruning"], cfg)
         self.set = PluginSet([self.plugin])
-        self.set.configure(cfg)
         plan = self.plugin.plan_epochs(n, t.epochs)
         self.steps = [self.data.batches_for(k) // t.grad_accum for k in plan]
-        self.state = State(cfg=cfg, rank=rank, world_size=world, model=Tiny(), logger=Log(), data=self.data,
+        self.state = State(rank=rank, world_size=world, model=Tiny(), logger=Log(), data=self.data,
                            num_classes=10, epoch_steps=tuple(self.steps), total_steps=sum(self.steps))
         self.seen, self.keeps = {}, {}
 

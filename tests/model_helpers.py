@@ -2,7 +2,7 @@
 import timm
 import torch
 
-from dsvit.config import Config, ModelConfig
+from dsvit.config import ModelConfig
 from dsvit.engine.plugin import State
 from dsvit.model.vit import build_model, timm_kwargs
 
@@ -21,9 +21,10 @@ def vanilla_vit(seed=0):
     return timm.create_model(MODEL.name, pretrained=False, **timm_kwargs(MODEL, 10))
 
 
-def start_plugin(plugin, model, stage, cfg=None, **state_kw):
-    """Fire fit_start, step_start and before_forward as the trainer would; returns (plugin, state)."""
-    state = State(cfg=cfg or Config(), rank=state_kw.pop("rank", 0), world_size=1, model=model,
+def start_plugin(plugin, model, stage, **state_kw):
+    """Fire fit_start, step_start and before_forward as the trainer would; returns (plugin, state).
+    The plugin got its configuration when it was built."""
+    state = State(rank=state_kw.pop("rank", 0), world_size=1, model=model,
                   token_stage=stage, **state_kw)
     plugin.on_fit_start(state)
     next_step(plugin, state)

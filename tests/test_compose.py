@@ -8,7 +8,8 @@ import torch
 
 from dsvit import config as C
 from dsvit.engine.compose import check_composition
-from dsvit.engine.plugin import Blocks, Footprint, Plugin
+from dsvit.engine.compose import Blocks, Footprint
+from dsvit.engine.plugin import Plugin
 from dsvit.errors import ConfigError
 from dsvit.registry import build_plugins
 
@@ -23,7 +24,7 @@ MASKS = ["plugins.attention_sparsity.enabled=true"]
 def check(*overrides, recipe="default"):
     cfg = C.load_config(recipe, list(overrides))
     C.validate(cfg)
-    check_composition(build_plugins(cfg.plugins), cfg)
+    check_composition(build_plugins(cfg), cfg)
 
 
 def refused(*overrides, recipe="default") -> str:
@@ -130,7 +131,7 @@ class Declares(Plugin):
         super().__init__(SimpleNamespace(order=0))
         self.name, self._footprint = name, footprint
 
-    def footprint(self, cfg):
+    def footprint(self):
         return self._footprint
 
 
@@ -149,14 +150,14 @@ def test_the_trainer_refuses_before_any_setup():
     from dsvit.engine.trainer import Trainer, World
     cfg = C.load_config("default", [*GROW, *TOE, *MASKS])
     with pytest.raises(ConfigError, match="plugins.toe changes the token set"):
-        Trainer(cfg, World(), build_plugins(cfg.plugins), train_data=object())   # no data touched
+        Trainer(cfg, World(), build_plugins(cfg), train_data=object())   # no data touched
 
 
 def test_runtime_refusals_still_stand_behind_the_check():
     """Paths that skip the check (dsvit eval, plugins used directly) still meet the old refusals."""
     from dsvit.plugins.attention_sparsity import MASK_KEY, AttentionSparsity, AttentionSparsityConfig
-    from dsvit.plugins.token_expansion import ToEConfig, TokenExpansion
-    stage = SimpleNamespace(record={MASK_KEY: torch.zeros(1, 1, 5, 5)})
+    from dsvit.plugins.toe import ToEConfig, TokenExpansion
+    stage = SimpleNamespace(scratch=lambda owner: {MASK_KEY: torch.zeros(1, 1, 5, 5)})
     with pytest.raises(RuntimeError, match="covers 5 tokens but the block gets 4"):
         AttentionSparsity(AttentionSparsityConfig())._provide(torch.zeros(1, 4, 8), stage)
     state = SimpleNamespace(model=SimpleNamespace(blocks=[0, 1]))

@@ -89,8 +89,8 @@ def _run_one(name: str, run_root: Path, world) -> dict:
 def _worker(out: Path, run_root: Path) -> None:
     import traceback
 
-    from dsvit.cli import _init_distributed
-    world = _init_distributed(None)
+    from dsvit.cli import init_distributed
+    world = init_distributed(None)
     results = {}
     for name in CONFIGS:
         try:

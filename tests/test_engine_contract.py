@@ -8,7 +8,8 @@ import torch
 
 from dsvit.config import Config
 from dsvit.engine import checkpoint as ckpt
-from dsvit.engine.plugin import Plugin, PluginSet, State
+from dsvit.engine.plugin import Plugin, State
+from dsvit.engine.plugin_set import PluginSet
 from launch import launch, loss_trace
 from plugin_harness import assert_runs_equal, straight_and_resumed
 
@@ -36,7 +37,7 @@ class _Grower(Plugin):
 
 def test_two_rebuild_requests_name_both_plugins():
     plugins = PluginSet([_Grower("growth_a"), _Grower("growth_b")])
-    state = State(cfg=Config(), rank=0, world_size=1)
+    state = State(rank=0, world_size=1)
     with pytest.raises(RuntimeError, match=r"'growth_a'.*'growth_b'"):
         plugins.fire("after_step", state)
 
@@ -45,7 +46,7 @@ def test_rebuild_request_inside_a_step_is_refused():
     class Early(_Grower):
         def on_after_loss(self, state):
             state.request_rebuild(object())
-    state = State(cfg=Config(), rank=0, world_size=1)
+    state = State(rank=0, world_size=1)
     with pytest.raises(RuntimeError, match=r"'early'.*after_loss.*between optimizer steps"):
         PluginSet([Early("early")]).fire("after_loss", state)
 

@@ -414,8 +414,8 @@ def test_clsvar_hook_records_the_last_blocks_cls_variance_and_follows_a_rebuild(
 def test_config_errors_name_the_key(override, match):
     cfg = load_config("tiny_test", ["train.epochs=4", "plugins.example_pruning.enabled=true"])
     if override.startswith("ratio"):
-        apply_override(cfg, "plugins.example_pruning.policy=infobatch")
-    apply_override(cfg, f"plugins.example_pruning.{override}")
+        cfg = apply_override(cfg, "plugins.example_pruning.policy=infobatch")
+    cfg = apply_override(cfg, f"plugins.example_pruning.{override}")
     with pytest.raises(ConfigError, match=f"plugins.example_pruning: .*{match}"):
         validate(cfg)
 
@@ -427,8 +427,8 @@ def test_default_rounds_scale_with_the_run():
     cfg = load_config("tiny_test", ["train.epochs=4", "plugins.example_pruning.enabled=true"])
     with pytest.raises(ConfigError, match="default schedule .*raise train.epochs, lower rounds"):
         validate(cfg)
-    apply_override(cfg, "data.mode=partitioned")
-    apply_override(cfg, "plugins.example_pruning.rounds=2")
+    cfg = apply_override(cfg, "data.mode=partitioned")
+    cfg = apply_override(cfg, "plugins.example_pruning.rounds=2")
     with pytest.raises(ConfigError, match="needs data.mode=resampled"):
         validate(cfg)
 

@@ -93,11 +93,10 @@ def test_keep_rate_schedule():
 def _run_pruning(rate, fuse=False, ckpt=False, eval_keep="target"):
     ours, stage, _ = models()
     ours.set_grad_checkpointing(ckpt)
-    cfg = Config()
-    cfg.model = CFG
+    cfg = Config(model=CFG)
     plugin = TP.TokenPruning(TP.TokenPruningConfig(keep_rate=rate, warmup=0, decay=0, fuse=fuse,
-                                                   eval_keep=eval_keep))
-    start_plugin(plugin, ours, stage, cfg, total_steps=10)
+                                                   eval_keep=eval_keep), cfg)
+    start_plugin(plugin, ours, stage, total_steps=10)
     return ours, stage, plugin
 
 
@@ -216,14 +215,13 @@ def test_ties_keep_at_least_k():
 
 def _run_attention(rate, token_rate=None):
     ours, stage, ref = models()
-    cfg = Config()
-    cfg.model = CFG
+    cfg = Config(model=CFG)
     plugins = []
     if token_rate is not None:
-        plugins.append(TP.TokenPruning(TP.TokenPruningConfig(keep_rate=token_rate, warmup=0, decay=0)))
-    plugins.append(AS.AttentionSparsity(AS.AttentionSparsityConfig(keep_rate=rate, warmup=0, decay=0)))
+        plugins.append(TP.TokenPruning(TP.TokenPruningConfig(keep_rate=token_rate, warmup=0, decay=0), cfg))
+    plugins.append(AS.AttentionSparsity(AS.AttentionSparsityConfig(keep_rate=rate, warmup=0, decay=0), cfg))
     for p in plugins:
-        start_plugin(p, ours, stage, cfg, total_steps=10)
+        start_plugin(p, ours, stage, total_steps=10)
     return ours, stage, ref
 
 
@@ -252,8 +250,7 @@ def test_mask_is_used_by_following_blocks_and_replaced_at_the_next(token_rate):
 
 
 def test_config_errors_name_the_key():
-    cfg = Config()
-    cfg.model = CFG
+    cfg = Config(model=CFG)
     with pytest.raises(ConfigError, match="keep_rate"):
         TP.TokenPruningConfig(keep_rate=0).validate(cfg)
     with pytest.raises(ConfigError, match="outside a depth-8"):
@@ -268,10 +265,8 @@ def test_pruning_and_mask_blocks_follow_the_depth_after_a_rebuild():
     deeper, _ = build_model(ModelConfig(**{**CFG.__dict__, "depth": 12}), 10)
     stage.attach(deeper)
     stage.remap_blocks(surgery.duplicate_last(8, 12))
-    cfg = Config()
-    cfg.model = CFG
     from dsvit.engine.plugin import State
-    state = State(cfg=cfg, rank=0, world_size=1, model=deeper, token_stage=stage, total_steps=10)
+    state = State(rank=0, world_size=1, model=deeper, token_stage=stage, total_steps=10)
     plugins = []
     for pairs in stage.after_attention.values():
         plugins += [h[0].__self__ for h in pairs if h[0].__self__ not in plugins]

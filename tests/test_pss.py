@@ -4,10 +4,10 @@ from collections import Counter
 import pytest
 import torch
 
-from dsvit.config import Config, ConfigError
+from dsvit.config import Config, ConfigError, RunConfig
 from dsvit.model.token_stage import TokenStage
 from model_helpers import block_inputs, next_step, small_vit, start_plugin, vanilla_vit
-from dsvit.plugins.patch_sampling import (PatchSampling, PSSConfig, drop_ratio, generator_seed,
+from dsvit.plugins.pss import (PatchSampling, PSSConfig, drop_ratio, generator_seed,
                                           keep_rate, num_keep, quantize, select_patches,
                                           sweep_keep_rates)
 
@@ -15,9 +15,8 @@ LEVELS = {0.0, 0.2, 0.4, 0.6, 0.8}
 
 
 def pss_on(model, stage, step=0, total_steps=1000, steps_per_epoch=100, rank=0, seed=0, **cfg):
-    conf = Config()
-    conf.run.seed = seed
-    return start_plugin(PatchSampling(PSSConfig(**cfg)), model, stage, cfg=conf, rank=rank, step=step,
+    conf = Config(run=RunConfig(seed=seed))
+    return start_plugin(PatchSampling(PSSConfig(**cfg), conf), model, stage, rank=rank, step=step,
                         total_steps=total_steps, steps_per_epoch=steps_per_epoch)
 
 

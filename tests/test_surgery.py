@@ -5,7 +5,7 @@ import torch
 
 from dsvit.config import ModelConfig
 from dsvit.model import surgery
-from dsvit.model.vit import build_model
+from dsvit.model.vit import build_model, build_plain, remapped_model
 
 SMALL = ModelConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=4,
                     num_heads=2)
@@ -40,7 +40,7 @@ def test_names_and_state_dicts_follow_the_block_map():
     torch.manual_seed(0)
     old, _ = build_model(SMALL, 10)
     src = surgery.duplicate_last(4, 6)             # [0, 1, 2, 2, 3, 3]
-    new = surgery.remapped_model(SMALL, 10, old.state_dict(), src)
+    new = remapped_model(SMALL, 10, old.state_dict(), src)
     old_sd, new_sd = old.state_dict(), new.state_dict()
     assert len(new.blocks) == 6
     for name, value in new_sd.items():
@@ -57,18 +57,18 @@ def test_extracting_every_block_is_the_identity():
     torch.manual_seed(0)
     old, _ = build_model(SMALL, 10)
     src = surgery.extraction_map([0, 1, 2, 3], 4)
-    new = surgery.remapped_model(SMALL, 10, old.state_dict(), src)
+    new = remapped_model(SMALL, 10, old.state_dict(), src)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(old.eval()(x), new.eval()(x))
-    sub = surgery.remapped_model(SMALL, 10, old.state_dict(), surgery.extraction_map([0, 2], 4))
+    sub = remapped_model(SMALL, 10, old.state_dict(), surgery.extraction_map([0, 2], 4))
     assert torch.equal(sub.state_dict()["blocks.1.norm1.weight"], old.state_dict()["blocks.2.norm1.weight"])
 
 
 def test_build_plain_leaves_the_training_rng_alone():
     torch.manual_seed(3)
     before = torch.get_rng_state()
-    surgery.build_plain(SMALL, 10, depth=6)
+    build_plain(SMALL, 10, depth=6)
     assert torch.equal(torch.get_rng_state(), before)
 
 

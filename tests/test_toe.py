@@ -1,11 +1,13 @@
 """Token Expansion: counts, schedule, selection/merge invariants, gradients, model-level behaviour."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dsvit.config import Config, ConfigError
 from model_helpers import block_inputs, next_step, small_vit, start_plugin, vanilla_vit
-from dsvit.plugins.token_expansion import (ToEConfig, TokenExpansion, chunk_sizes, is_active, merge,
+from dsvit.plugins.toe import (ToEConfig, TokenExpansion, chunk_sizes, is_active, merge,
                                            round_chunks, seed_positions, stage_index, token_expansion)
 
 def toe_on(model, stage, step=0, total_steps=300, **cfg):
@@ -186,7 +188,7 @@ def test_block_token_counts_and_positions():
     assert sizes == [197, 99, 99] and plugin.tokens == 99
     pos = stage.positions
     assert (pos[:, 0] == 0).all() and torch.equal(pos[:, 1:50] - 1, torch.arange(0, 196, 4).expand(2, -1))
-    assert torch.equal(torch.cat([pos[:, 1:], stage.record["toe_merged"]], 1).sort(1).values,
+    assert torch.equal(torch.cat([pos[:, 1:], stage.last_merge.merged], 1).sort(1).values,
                        torch.arange(1, 197).expand(2, -1))
     state.step = 100
     next_step(plugin, state)
@@ -195,7 +197,7 @@ def test_block_token_counts_and_positions():
     model.eval()
     sizes.clear(), model(img)
     assert sizes == [197] * 3
-    plugin.cfg.sparse_eval = True
+    plugin.cfg = dataclasses.replace(plugin.cfg, sparse_eval=True)
     sizes.clear(), model(img)
     assert sizes == [197, 148, 148]
 

@@ -3,13 +3,14 @@ import pytest
 import torch
 
 from dsvit.config import Config, apply_override, load_config, validate
-from dsvit.engine.plugin import PluginSet, State
+from dsvit.engine.plugin import State
+from dsvit.engine.plugin_set import PluginSet
 from dsvit.model.vit import build_model
-from dsvit.config import ModelConfig
+from dsvit.config import LogConfig, ModelConfig
 from dsvit.registry import build_plugins, plugin_registry
-from dsvit.plugins.patch_sampling import PatchSampling, PSSConfig
-from dsvit.plugins.token_expansion import ToEConfig, TokenExpansion
-from dsvit.plugins.visualize import TokenViz, TokenVizConfig, token_grid
+from dsvit.plugins.pss import PatchSampling, PSSConfig
+from dsvit.plugins.toe import ToEConfig, TokenExpansion
+from dsvit.plugins.token_viz import TokenViz, TokenVizConfig, token_grid
 
 MODEL = ModelConfig(name="vit_tiny_patch16_224", embed_dim=32, depth=3, num_heads=2)
 
@@ -28,9 +29,7 @@ class FakeLogger:
 def fit(plugins, step=0, total_steps=300, image_every=0):
     torch.manual_seed(0)
     model, stage = build_model(MODEL, num_classes=10)
-    cfg = Config()
-    cfg.log.image_every_steps = image_every
-    state = State(cfg=cfg, rank=0, world_size=1, model=model, token_stage=stage, logger=FakeLogger(),
+    state = State(rank=0, world_size=1, model=model, token_stage=stage, logger=FakeLogger(),
                   step=step, total_steps=total_steps, steps_per_epoch=100)
     pset = PluginSet(plugins)
     pset.fire("fit_start", state)
@@ -50,12 +49,12 @@ def test_config_overrides_and_validation():
     for item in ("plugins.toe.keep_rates=[0.4,0.7,1.0]", "plugins.toe.init_keep_rate=0.2",
                  "plugins.toe.stage_unit=epoch", "plugins.toe.stage_starts=[0,3,6]",
                  "plugins.pss.schedule=linear", "plugins.pss.eval_keep_rate=0.5"):
-        apply_override(cfg, item)
-    cfg.train.epochs = 9
+        cfg = apply_override(cfg, item)
+    cfg = apply_override(cfg, "train.epochs=9")
     assert cfg.plugins["toe"].keep_rates == [0.4, 0.7, 1.0] and cfg.plugins["pss"].schedule == "linear"
     validate(cfg)
-    assert [p.name for p in build_plugins(cfg.plugins)] == ["toe", "pss"]
-    apply_override(cfg, "plugins.toe.stage_starts=[0,3,12]")
+    assert [p.name for p in build_plugins(cfg)] == ["toe", "pss"]
+    cfg = apply_override(cfg, "plugins.toe.stage_starts=[0,3,12]")
     with pytest.raises(Exception, match="plugins.toe"):
         validate(cfg)
 
@@ -92,9 +91,9 @@ def test_pss_then_toe_counts_positions_and_logging():
         assert set(pos[b].tolist()) <= set(pss_pos[b].tolist())
         assert (pss_pos[b, 1:].diff() > 0).all()                           # raster order after PSS
         assert torch.equal(pos[b, 1:30], pss_pos[b, 1 + torch.arange(29) * 117 // 29])  # seeds
-        merged = stage.record["toe_merged"][b]
+        merged = stage.last_merge.merged[b]
         assert sorted(pos[b, 1:].tolist() + merged.tolist()) == pss_pos[b, 1:].tolist()
-        assert set(stage.record["toe_host"][b].tolist()) <= set(pos[b, 1:].tolist())
+        assert set(stage.last_merge.host[b].tolist()) <= set(pos[b, 1:].tolist())
     state.batch = type("B", (), {"images": img})()
     pset.fire("after_forward", state)                     # no visualiser registered: nothing logged
     state.step += 1
@@ -110,7 +109,7 @@ def test_pss_then_toe_counts_positions_and_logging():
 
 def test_visualizer_grid():
     pss = PatchSampling(PSSConfig(schedule="fixed", drop_start=0.4))
-    viz = TokenViz(TokenVizConfig(num_images=2))
+    viz = TokenViz(TokenVizConfig(num_images=2), Config(log=LogConfig(image_every_steps=1)))
     model, stage, state, pset = fit([TokenExpansion(ToEConfig()), pss, viz], image_every=1)
     pset.fire("step_start", state)
     pset.fire("before_forward", state)

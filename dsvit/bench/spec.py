@@ -124,6 +124,6 @@ def _check(run: RunSpec, spec_path: Path) -> None:
         try:
             cfg = C.load_config(str(recipe), list(run.overrides))
             C.validate(cfg, 1)
-            check_composition(build_plugins(cfg.plugins), cfg)
+            check_composition(build_plugins(cfg), cfg)
         except ConfigError as e:
             raise ConfigError(f"benchmark spec {spec_path}, run '{run.name}': {e}") from None

@@ -7,7 +7,7 @@
 What it measures: for each model and each stage of each method, one training step (forward,
 cross-entropy, backward, AdamW step) on one random batch of a real model built by dsvit
 (``build_model``: timm ViT + token stage), the method's own plugin hooks on the token stage: ToE
-(``TokenExpansion`` fixed at a stage), PSS (``patch_sampling.inference_hook`` at each keep rate of its
+(``TokenExpansion`` fixed at a stage), PSS (``pss.inference_hook`` at each keep rate of its
 schedule), the token level (``TokenPruning`` at its final keep rate), growth (a model of the stage's
 depth, ``dynamic_img_size``, the batch resized to the stage's resolution inside the step, as the plugin
 does). The settings come from a recipe (``--recipe``, default ``stack``: growth 4 stages 6/8/10/12 of
@@ -78,9 +78,9 @@ def plugin_configs(recipe: str) -> dict:
 
 def plan(methods: list[str], pc: dict, mcfg) -> dict:
     """method -> [(stage label, share of the run, Key)] for a model config with depth and patch set."""
-    from dsvit.plugins.patch_sampling import drop_ratio
-    from dsvit.plugins.progressive import schedule as S
-    from dsvit.plugins.token_expansion import is_active
+    from dsvit.plugins.pss import drop_ratio
+    from dsvit.plugins.growth import schedule as S
+    from dsvit.plugins.toe import is_active
     d, img = mcfg.depth, mcfg.img_size
     g, toe, tp, pss = pc["growth"], pc["toe"], pc["token_pruning"], pc["pss"]
     depths, res = g.depth_list(mcfg), g.resolution_list(mcfg)
@@ -149,8 +149,8 @@ class Runner:
     def hooks(self, k: Key, model, stage):
         """Register the Key's plugin hooks on ``stage``; returns a function that removes them."""
         from dsvit.engine.plugin import State
-        from dsvit.plugins.patch_sampling import inference_hook
-        from dsvit.plugins.token_expansion import TokenExpansion
+        from dsvit.plugins.pss import inference_hook
+        from dsvit.plugins.toe import TokenExpansion
         from dsvit.plugins.token_pruning import TokenPruning
         undo = []
         if k.pss < 1:
@@ -165,7 +165,7 @@ class Runner:
             stage.add_before_block(toe.cfg.insert_before_block, toe)
             undo.append(lambda: stage.remove(toe))
         if k.tp < 1:
-            st = State(cfg=None, rank=0, world_size=1, model=model, token_stage=stage)
+            st = State(rank=0, world_size=1, model=model, token_stage=stage)
             lvl = TokenPruning(dataclasses.replace(self.pc["token_pruning"], keep_rate=k.tp, warmup=0, decay=0))
             lvl.on_fit_start(st)
             undo.append(lambda: lvl.on_fit_end(st))

@@ -197,7 +197,7 @@ def state_digest(obj) -> str:
 
 
 def check_replicated(states: dict) -> None:
-    """Collective: every replicated plugin state must be identical on every rank."""
+    """Collective: every plugin's ``state_dict`` (replicated by contract) must be identical on every rank."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     mine = {name: state_digest(st) for name, st in states.items()}
@@ -209,7 +209,7 @@ def check_replicated(states: dict) -> None:
             raise RuntimeError(
                 f"plugin '{name}' declares its state replicated, but rank(s) {ranks} hold a different "
                 f"state than rank 0; make the plugin's decisions identical on every rank (all-reduce "
-                f"or broadcast them) or declare state_scope = 'per_rank'")
+                f"or broadcast them) or keep what is per rank in rank_state_dict()")
 
 
 def _prune(ckpt_dir: Path, keep_last: int, keep: str, run_id) -> None:

@@ -1,8 +1,8 @@
 """The start-time composition check: plugin combinations that cannot work are refused before any
 setup (data, model, DeepSpeed), with the reason, both plugins and the keys to change.
 
-The contract: every plugin declares a ``Footprint`` from the config alone (``Plugin.footprint(cfg)``,
-``dsvit.engine.plugin``): the hook points where it changes the token set and the fewest patch
+The contract: every plugin declares a ``Footprint`` from the config alone (``Plugin.footprint()``,
+defined here): the hook points where it changes the token set and the fewest patch
 tokens it leaves there, what a hook needs arriving, the blocks whose attention masks need the token
 set unchanged up to the next of them, and, for a depth/input-size plugin, the depths the model
 takes, the block map of a rebuild and the smallest input. This module names no plugin: it walks the
@@ -30,10 +30,55 @@ from __future__ import annotations
 
 import itertools
 import re
+from dataclasses import dataclass
+from typing import Callable, Optional
 
-from dsvit.engine.plugin import Blocks, PluginSet
+from dsvit.engine.plugin_set import PluginSet
 from dsvit.errors import ConfigError
 from dsvit.model.surgery import hook_position
+
+@dataclass(frozen=True)
+class Blocks:
+    """Blocks a plugin acts at: absolute ``indices`` (the same at every depth, or, with ``moves``,
+    indices at the initial depth that each rebuild's block map moves: a hook registered once), or
+    blocks derived from the current depth by ``of_depth`` (e.g. fractions of it)."""
+    key: str                                       # the config key that sets them (messages)
+    indices: tuple = ()
+    of_depth: Optional[Callable[[int], list]] = None
+    moves: bool = False
+
+
+@dataclass(frozen=True)
+class TokenSite:
+    """One token-stage hook point of a plugin, in training (the worst case over its schedule).
+    ``where``: after_embed | before_block | after_attention (``TokenStage``'s hook points). Counts
+    are of patch tokens (the class token aside)."""
+    where: str
+    blocks: Optional[Blocks] = None                # None for after_embed
+    kept: Optional[Callable[[int], int]] = None    # n patch tokens in -> fewest left (None: unchanged)
+    kept_keys: tuple = ()                          # config keys that set ``kept``
+    needs: int = 0                                 # patch tokens it needs arriving here
+    needs_keys: tuple = ()
+    why: str = ""                                  # what the need is for, e.g. "one ToE seed"
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What a plugin declares about itself for the start-time composition check."""
+    sites: tuple = ()                              # TokenSite, one per hook point
+    # attention masks built after the attention of each of these blocks (after earlier-ordered hooks
+    # there) and used by every later block up to the next of them: the token set must not change
+    # in between
+    mask_blocks: Optional[Blocks] = None
+    mask_keys: tuple = ()
+    # a depth / input-size plugin: every depth the model may take (ascending, the initial first),
+    # the block map a rebuild from one to another applies, the smallest input side it feeds
+    depths: tuple = ()
+    depth_keys: tuple = ()
+    block_map: Optional[Callable[[int, int], list]] = None
+    min_resolution: int = 0
+    resolution_keys: tuple = ()
+
 
 PHASES = ("after_embed", "before_block", "after_attention")   # their order within a block
 
@@ -41,7 +86,7 @@ PHASES = ("after_embed", "before_block", "after_attention")   # their order with
 def check_composition(plugins, cfg) -> None:
     """Raise ConfigError if the plugins (a PluginSet or a list) cannot work together on ``cfg``."""
     plugins = list(plugins if isinstance(plugins, PluginSet) else PluginSet(list(plugins)))
-    prints = [(p, p.footprint(cfg)) for p in plugins]
+    prints = [(p, p.footprint()) for p in plugins]
     if not any(f.sites or f.mask_blocks or f.depths for _, f in prints):
         return                      # nothing declared: no model lookup either
     _only_one(prints, "mask_blocks", "provide attention masks (one provider per block)")

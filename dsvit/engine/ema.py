@@ -33,7 +33,8 @@ class WeightEMA:
         self._dst = [shadow[n] for n in src]
         self._src = list(src.values())
 
-    def _gathered(self):
+    def gathered(self):
+        """The ZeRO-3 source parameters gathered inside (nothing to do otherwise)."""
         if not self.zero3:
             return contextlib.nullcontext()
         import deepspeed
@@ -42,7 +43,7 @@ class WeightEMA:
     @torch.no_grad()
     def copy_from(self, source: torch.nn.Module) -> None:
         self.bind(source)
-        with self._gathered():
+        with self.gathered():
             for d, s in zip(self._dst, self._src):
                 d.copy_(s.float())
 
@@ -50,7 +51,7 @@ class WeightEMA:
     def update(self, gathered: bool = False) -> None:
         """``gathered``: the caller already gathers the ZeRO-3 source parameters (several averages of
         one model share one all-gather)."""
-        with contextlib.nullcontext() if gathered else self._gathered():
+        with contextlib.nullcontext() if gathered else self.gathered():
             torch._foreach_lerp_(self._dst, [p.detach().float() for p in self._src], 1.0 - self.decay)
 
     def state_dict(self) -> dict:

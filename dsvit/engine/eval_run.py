@@ -18,7 +18,8 @@ from dsvit import config as C
 from dsvit.engine import checkpoint as ckpt
 from dsvit.engine.evaluate import evaluate_model
 from dsvit.engine.export import load_weights, resolve_tag
-from dsvit.engine.plugin import PluginSet, State
+from dsvit.engine.plugin import State
+from dsvit.engine.plugin_set import PluginSet
 from dsvit.model.vit import build_model
 
 
@@ -32,9 +33,7 @@ def run_eval(run_dir: Path, overrides: list[str], world, make_plugins, tag: str 
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.exists():
         raise C.ConfigError(f"{cfg_file} not found: is {run_dir} a dsvit run directory?")
-    cfg = C.from_dict(yaml.safe_load(cfg_file.read_text()))
-    for item in overrides:
-        C.apply_override(cfg, item)
+    cfg = C.apply_overrides(C.from_dict(yaml.safe_load(cfg_file.read_text())), overrides)
     device = torch.device(get_accelerator().device_name(world.local_rank))
     tag_dir = resolve_tag(run_dir, tag)
     # the model as it was at that checkpoint (a plugin may have grown it)
@@ -55,15 +54,16 @@ def run_eval(run_dir: Path, overrides: list[str], world, make_plugins, tag: str 
     plugin, key, flag, values = sweep if sweep else (None, None, None, [None])
     rows = []
     for value in values:
+        run_cfg = cfg   # one new config per swept value; the loaded one is never changed
         if value is not None:
             try:
-                C.apply_override(cfg, f"plugins.{plugin}.enabled=true")
-                C.apply_override(cfg, f"plugins.{plugin}.{key}={value}")
-                C.validate(cfg, world.world_size)
+                run_cfg = C.apply_overrides(cfg, [f"plugins.{plugin}.enabled=true",
+                                                  f"plugins.{plugin}.{key}={value}"])
+                C.validate(run_cfg, world.world_size)
             except C.ConfigError as e:
                 raise C.ConfigError(f"{flag} {value}: {e}") from None
-        plugins = PluginSet(make_plugins(cfg.plugins))
-        state = State(cfg=cfg, rank=world.rank, world_size=world.world_size, model=model,
+        plugins = PluginSet(make_plugins(run_cfg))
+        state = State(rank=world.rank, world_size=world.world_size, model=model,
                       token_stage=stage, training=False, num_classes=num_classes)
         plugins.fire("fit_start", state)
         plugins.fire("eval_start", state)

@@ -44,12 +44,12 @@ def set_collective_timeout(seconds: float) -> None:
 
 
 class Peers:
-    def __init__(self, rank: int, world_size: int, interval_s: float = 0.5):
+    def __init__(self, world, interval_s: float = 0.5):
         import torch.distributed as dist
-        self.rank, self.world_size = rank, world_size
-        self.interval_s = max(interval_s, world_size / 512)   # at most ~512 store updates a second
-        self.address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-        self._store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+        self.rank, self.world_size = world.rank, world.world_size
+        self.interval_s = max(interval_s, world.world_size / 512)   # at most ~512 store updates a second
+        self.address = f"{world.master_addr}:{world.master_port}"
+        self._store = dist.TCPStore(world.master_addr, int(world.master_port),
                                     is_master=False, wait_for_workers=False,
                                     timeout=timedelta(seconds=max(10.0, 3 * self.interval_s)))
         self._lock = threading.Lock()

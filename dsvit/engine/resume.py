@@ -108,3 +108,14 @@ def restore_group_settings(optimizer, settings: list) -> None:
     for st in optimizer.state.values():
         if torch.is_tensor(st.get("step")):
             st["step"] = st["step"].clone()
+
+
+def reslice_batch(parts: list, rank: int, world_size: int, dim: int = 0):
+    """Rank ``rank``'s share (of ``world_size``) of the global batch that ``parts`` (every old rank's
+    share, in rank order) make along ``dim``: rank r's micro-batch is the r-th slice of the global one
+    (``dsvit.data.pipeline``), so per-batch state reshards by concatenating and slicing again."""
+    whole = torch.cat(list(parts), dim)
+    if whole.shape[dim] % world_size:
+        raise ValueError(f"a global batch of {whole.shape[dim]} does not split over {world_size} ranks")
+    k = whole.shape[dim] // world_size
+    return whole.narrow(dim, rank * k, k).clone()

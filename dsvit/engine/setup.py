@@ -9,11 +9,14 @@ import torch
 from dsvit import config as C
 
 
-@dataclass
+@dataclass(frozen=True)
 class World:
+    """The distributed world, read from the launcher's environment once (``dsvit.cli``)."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
 
 
 def seed_everything(seed: int) -> None:

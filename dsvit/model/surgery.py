@@ -12,7 +12,6 @@ and are filled from remapped state dicts.
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from typing import Optional
 
@@ -107,6 +106,17 @@ def remap_state_dict(old: dict, src: list[int], like: dict) -> dict:
             for k, v in like.items() for s in [source_name(k, src)]}
 
 
+def remap_blocks(old: dict, src: list[int]) -> dict:
+    """State dict of the ``len(src)``-block model whose block ``i`` is old block ``src[i]``, the rest
+    by name: ``remap_state_dict`` without a model to give the keys (every new key has a source)."""
+    out = {k: v.detach().clone() for k, v in old.items() if BLOCK_KEY.match(k) is None}
+    for i, j in enumerate(src):
+        prefix = f"blocks.{j}."
+        out.update({f"blocks.{i}.{k[len(prefix):]}": v.detach().clone()
+                    for k, v in old.items() if k.startswith(prefix)})
+    return out
+
+
 def set_drop_path(model: torch.nn.Module, rate: float, span: Optional[int] = None) -> None:
     """Stochastic depth laid out linearly, ``rate * i / (span - 1)`` for block i (``span``: the
     depth the layout covers, default the model's; a supernet lays it over all its blocks). Only
@@ -116,21 +126,3 @@ def set_drop_path(model: torch.nn.Module, rate: float, span: Optional[int] = Non
         for mod in (getattr(blk, "drop_path1", None), getattr(blk, "drop_path2", None)):
             if mod is not None and hasattr(mod, "drop_prob"):
                 mod.drop_prob = rate * i / max(1, span - 1)
-
-
-# ---------------------------------------------------------------- new models
-def build_plain(model_cfg, num_classes: int, **overrides) -> torch.nn.Module:
-    """A fresh plain timm model from ``model_cfg`` with ``overrides`` (e.g. depth=6), built without
-    touching the training RNG (timm's initialisation draws from it; a rebuild must not shift dropout
-    or augmentation streams)."""
-    from dsvit.model.vit import create_vit
-    with torch.random.fork_rng(devices=[]):
-        return create_vit(dataclasses.replace(model_cfg, **overrides), num_classes)
-
-
-def remapped_model(model_cfg, num_classes: int, old_state: dict, src: list[int],
-                   **overrides) -> torch.nn.Module:
-    """A ``len(src)``-block plain model whose weights are ``old_state`` remapped through ``src``."""
-    model = build_plain(model_cfg, num_classes, depth=len(src), **overrides)
-    model.load_state_dict(remap_state_dict(old_state, src, like=model.state_dict()))
-    return model

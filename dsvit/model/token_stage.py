@@ -27,9 +27,14 @@ on (the original ToE silently did nothing under timm's checkpoint_seq).
 
 Per forward, ``stage.positions`` holds for every current token its index in the full embedded
 sequence (``[B, N]``; ``None`` while it is the identity) so later hooks and visualisations know where
-kept tokens came from. ``stage.gather(x, idx)`` gathers tokens and keeps ``positions`` in step.
-``stage.record`` is a per-forward scratch dict (cleared at every forward) plugins may fill for logging
-(e.g. merge hosts) or to hand state between their own hooks of one forward (the attention mask).
+kept tokens came from. Hooks change it only through the stage's operations: ``gather(x, idx)``
+(tokens and positions in step), ``keep_positions(idx)`` (a hook that builds its own output, e.g.
+ToE's merge), ``append_position(source)`` (a fused token appended). ``note_merge`` records which
+positions were merged into which (``stage.last_merge``, read by the token visualiser), and
+``scratch(owner)`` is a per-forward dict private to one plugin (e.g. the attention level's mask,
+built in one hook and used by later blocks). Everything per-forward is cleared at every forward.
+``stage.primary`` is true while the forward is the engine's own model (not an EMA or scoring copy):
+hooks that record statistics of the training forward gate on it.
 
 The stage is a plain object, not an nn.Module: the model's state_dict, parameter list and ZeRO
 partitioning are unchanged, so checkpoints stay plain timm weights. With no hooks the loop is
@@ -40,12 +45,21 @@ from __future__ import annotations
 import contextlib
 import types
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 TokenFn = Callable[[torch.Tensor, "TokenStage"], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TokenMerge:
+    """What a merging hook did in the last forward: global positions [B, M] of the merged tokens and
+    of their hosts (the kept tokens they were added to)."""
+    merged: torch.Tensor
+    host: torch.Tensor
 
 
 class TokenStage:
@@ -57,14 +71,17 @@ class TokenStage:
         self.block_attn = None         # the running block's BlockAttention, inside after_attention
         self.checkpoint_fn: Optional[Callable] = None   # None: torch.utils.checkpoint (non-reentrant)
         self.positions: Optional[torch.Tensor] = None
-        self.record: dict = {}
+        self.last_merge: Optional[TokenMerge] = None
+        self._scratch: dict = {}
+        self.primary = True            # the running forward is the engine's model (not a copy)
         self.num_prefix_tokens = 1
         self.model = None
         self.training = True           # the running model's mode; hooks gate on it
         self.mean_block_tokens = 0.0   # mean sequence length over blocks in the last forward
         self.block_macs = 0.0          # multiply-accumulates per image in the blocks, last forward
         self.enabled = True            # False: the plain timm loop (suspended())
-        self.active_blocks = None      # elastic depth: block indices to run (None: all)
+        self.active_blocks = None      # elastic depth: block indices to run (None: all); set it
+                                       # with set_active_blocks
 
     # ------------------------------------------------------------ wiring
     def attach(self, model: torch.nn.Module, primary: bool = True) -> "TokenStage":
@@ -154,7 +171,39 @@ class TokenStage:
         finally:
             self.enabled = True
 
+    def set_active_blocks(self, blocks) -> None:
+        """Run only ``blocks`` (ascending indices; None: all) from the next forward on."""
+        self.active_blocks = None if blocks is None else list(blocks)
+
+    @contextlib.contextmanager
+    def all_blocks(self):
+        """Every block inside (an evaluation of a supernet), the elastic choice restored after."""
+        saved, self.active_blocks = self.active_blocks, None
+        try:
+            yield
+        finally:
+            self.active_blocks = saved
+
     # ------------------------------------------------------------ helpers for hooks
+    def keep_positions(self, x: torch.Tensor, idx: torch.Tensor) -> None:
+        """The tokens now are those at ``idx`` ([B, K]) of ``x``'s (the hook builds its output)."""
+        self.positions = torch.gather(self.current_positions(x), 1, idx)
+
+    def append_position(self, position: torch.Tensor) -> None:
+        """A token appended to every row, shown at global ``position`` ([B, 1]), e.g. a fused token
+        at its heaviest source's place."""
+        self.positions = torch.cat([self.positions, position], 1)
+        if self.block_attn is not None:
+            self.block_attn.extra += 1
+
+    def note_merge(self, merged: torch.Tensor, host: torch.Tensor) -> None:
+        """Global positions of merged tokens and of the tokens they were merged into ([B, M])."""
+        self.last_merge = TokenMerge(merged=merged, host=host)
+
+    def scratch(self, owner) -> dict:
+        """A per-forward dict private to ``owner`` (cleared at every forward)."""
+        return self._scratch.setdefault(id(owner), {})
+
     def current_positions(self, x: torch.Tensor) -> torch.Tensor:
         if self.positions is None:
             n = x.shape[1]
@@ -265,8 +314,10 @@ def _forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = F
         raise ValueError("dsvit's token stage provides attention masks through TokenStage.attn_mask")
     stage: TokenStage = self.token_stage
     stage.positions = None
-    stage.record = {}
+    stage.last_merge = None
+    stage._scratch = {}
     stage.training = self.training
+    stage.primary = self is stage.model
     x = self.patch_embed(x)
     x = self._pos_embed(x)
     x = self.patch_drop(x)

@@ -1,10 +1,13 @@
 """Build a timm VisionTransformer from a ModelConfig and attach the token stage."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import timm
 
 from dsvit.config import ModelConfig
+from dsvit.model import surgery
 from dsvit.model.token_stage import TokenStage
 
 
@@ -39,3 +42,19 @@ def build_model(cfg: ModelConfig, num_classes: int) -> tuple[torch.nn.Module, To
 
 def num_patches(model: torch.nn.Module) -> int:
     return int(model.patch_embed.num_patches)
+
+
+def build_plain(model_cfg, num_classes: int, **overrides) -> torch.nn.Module:
+    """A fresh plain timm model from ``model_cfg`` with ``overrides`` (e.g. depth=6), built without
+    touching the training RNG (timm's initialisation draws from it; a rebuild must not shift dropout
+    or augmentation streams)."""
+    with torch.random.fork_rng(devices=[]):
+        return create_vit(dataclasses.replace(model_cfg, **overrides), num_classes)
+
+
+def remapped_model(model_cfg, num_classes: int, old_state: dict, src: list[int],
+                   **overrides) -> torch.nn.Module:
+    """A ``len(src)``-block plain model whose weights are ``old_state`` remapped through ``src``."""
+    model = build_plain(model_cfg, num_classes, depth=len(src), **overrides)
+    model.load_state_dict(surgery.remap_state_dict(old_state, src, like=model.state_dict()))
+    return model

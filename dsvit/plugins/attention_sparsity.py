@@ -36,7 +36,8 @@ from typing import Optional
 
 import torch
 
-from dsvit.engine.plugin import ORDER_ATTENTION, Footprint, TokenSite
+from dsvit.engine.compose import Footprint, TokenSite
+from dsvit.engine.plugin import ORDER_ATTENTION
 from dsvit.plugins import register
 from dsvit.plugins.levels import ScheduledLevel, pruning_blocks, validate_level
 
@@ -69,7 +70,7 @@ def build_mask(probs: torch.Tensor, rate: float, num_prefix: int = 1, extra: int
     return mask.masked_fill_(~keep.unsqueeze(1), float("-inf"))
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttentionSparsityConfig:
     enabled: bool = True
     order: int = 0
@@ -105,7 +106,7 @@ class AttentionSparsity(ScheduledLevel):
             stage.set_attn_mask(b, self._provide)
         self._stage = stage
 
-    def footprint(self, cfg) -> Footprint:
+    def footprint(self) -> Footprint:
         blocks = self.declared_blocks()
         masks = blocks if self.cfg.keep_rate < 1 else None     # keep_rate 1 adds no mask at all
         return Footprint(sites=(TokenSite("after_attention", blocks, needs=1, needs_keys=(blocks.key,),
@@ -114,11 +115,11 @@ class AttentionSparsity(ScheduledLevel):
 
     def _build(self, x, attn, stage):
         rate = self.current_rate(stage)
-        stage.record[MASK_KEY] = build_mask(attn.probs, rate, attn.num_prefix, attn.extra, x.dtype)
+        stage.scratch(self)[MASK_KEY] = build_mask(attn.probs, rate, attn.num_prefix, attn.extra, x.dtype)
         return x
 
     def _provide(self, x, stage):
-        mask = stage.record.get(MASK_KEY)
+        mask = stage.scratch(self).get(MASK_KEY)
         if mask is not None and mask.shape[-1] != x.shape[1]:
             raise RuntimeError(f"the attention mask covers {mask.shape[-1]} tokens but the block gets "
                                f"{x.shape[1]}: a token hook changed the tokens between mask blocks; "

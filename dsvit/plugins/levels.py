@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 
-from dsvit.engine.plugin import Blocks, Plugin
+from dsvit.engine.compose import Blocks
+from dsvit.engine.plugin import Plugin
 from dsvit.errors import ConfigError
 
 
@@ -50,8 +51,8 @@ class ScheduledLevel(Plugin):
     subclasses register their hooks in ``_register(state)`` (again after every engine rebuild)."""
     metric = "level/keep_rate"
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, cfg, config=None):
+        super().__init__(cfg, config)
         self.rate = 1.0
         self.blocks: list[int] = []
         self._stage = None

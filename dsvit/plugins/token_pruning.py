@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsvit.engine.plugin import ORDER_TOKENS, Footprint, TokenSite
+from dsvit.engine.compose import Footprint, TokenSite
+from dsvit.engine.plugin import ORDER_TOKENS
 from dsvit.errors import ConfigError
 from dsvit.plugins import register
 from dsvit.plugins.levels import ScheduledLevel, keep_rate, pruning_blocks, validate_level  # noqa: F401
@@ -89,14 +90,12 @@ def prune_tokens(x: torch.Tensor, cls_row: torch.Tensor, rate: float, stage=None
     if fuse:
         out = torch.cat([out, fused], 1)
         if stage is not None:
-            stage.positions = torch.cat([stage.positions, pos.gather(1, heaviest[:, None])], 1)
-            if stage.block_attn is not None:
-                stage.block_attn.extra += 1
+            stage.append_position(pos.gather(1, heaviest[:, None]))
     return out
 
 
 # ---------------------------------------------------------------- the plugin
-@dataclass
+@dataclass(frozen=True)
 class TokenPruningConfig:
     enabled: bool = True
     order: int = 0
@@ -138,7 +137,7 @@ class TokenPruning(ScheduledLevel):
             stage.add_after_attention(b, self._hook, need="cls", order=self.order)
         self._stage = stage
 
-    def footprint(self, cfg) -> Footprint:
+    def footprint(self) -> Footprint:
         rate, blocks = self.cfg.keep_rate, self.declared_blocks()
         kept = None if rate >= 1 else (lambda n: num_kept(n, rate))   # the schedule ends at keep_rate
         return Footprint(sites=(TokenSite(

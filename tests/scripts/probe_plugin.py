@@ -15,7 +15,7 @@ from dsvit.engine.plugin import ORDER_DATA, Plugin
 from dsvit.registry import REGISTRY, register
 
 
-@dataclass
+@dataclass(frozen=True)
 class ProbeConfig:
     enabled: bool = True
     order: int = 0
@@ -28,8 +28,8 @@ class ProbePlugin(Plugin):
     name = "probe"
     config_class = ProbeConfig
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, cfg, config=None):
+        super().__init__(cfg, config)
         self.scale = 1.0
         self.events = 0
         self.step_starts = 0
@@ -68,7 +68,7 @@ class ProbePlugin(Plugin):
         self.step_starts, self.batch_starts = state["step_starts"], state["batch_starts"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class KeepProbeConfig:
     enabled: bool = True
     order: int = 0

@@ -7,10 +7,11 @@ import torch
 from dsvit.engine.plugin import ORDER_DEPTH, Plugin
 from dsvit.engine.rebuild import RebuildRequest
 from dsvit.model import surgery
+from dsvit.model.vit import build_plain
 from dsvit.registry import REGISTRY, register
 
 
-@dataclass
+@dataclass(frozen=True)
 class RebuildProbeConfig:
     enabled: bool = True
     order: int = 0
@@ -35,8 +36,8 @@ class RebuildProbe(Plugin):
     config_class = RebuildProbeConfig
     order = ORDER_DEPTH
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, cfg, config=None):
+        super().__init__(cfg, config)
         self.depth = 0          # 0: the recipe's depth (never grown)
         self.rebuilds = 0
 
@@ -49,18 +50,18 @@ class RebuildProbe(Plugin):
         old_depth = len(state.model.blocks)
         new_depth = old_depth + self.cfg.grow_by
         src = surgery.duplicate_last(old_depth, new_depth)
-        model = surgery.build_plain(state.cfg.model, state.num_classes, depth=new_depth)
+        weights = "masters"
         if self.cfg.weights == "request":
+            model = build_plain(self.config.model, state.num_classes, depth=new_depth)
             request_weights(model, state.step)
-        old_names = [n for n, _ in state.model.named_parameters()]
-        pmap = surgery.param_map([n for n, _ in model.named_parameters()], src, old_names)
+            weights = model.state_dict()
         if self.cfg.grow_by:
             self.depth = new_depth
         self.rebuilds += 1
         state.request_rebuild(RebuildRequest(
-            model=model, param_map=pmap, arch=self.architecture(), block_map=src,
-            weights=self.cfg.weights, optimizer_state=self.cfg.optimizer_state,
-            new_param_state=self.cfg.new_param_state, step=self.cfg.step, reason="test"))
+            block_map=src, arch=self.architecture(), weights=weights,
+            optimizer_state=self.cfg.optimizer_state, new_param_state=self.cfg.new_param_state,
+            step=self.cfg.step, reason="test"))
 
     def state_dict(self):
         return {"depth": self.depth}

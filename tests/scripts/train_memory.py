@@ -24,9 +24,10 @@ import probe_plugin  # noqa: E402,F401  (registers the 'probe' test plugin)
 import rebuild_probe  # noqa: E402,F401  (registers the 'rebuild_probe' test plugin)
 
 from dsvit import config as C  # noqa: E402
-from dsvit.cli import _init_distributed  # noqa: E402
+from dsvit.cli import init_distributed  # noqa: E402
 from dsvit.data.memory import MemoryEvalData, MemoryTrainData, random_dataset  # noqa: E402
-from dsvit.engine import rebuild as rb  # noqa: E402
+from dsvit.engine import optimizer_state as rb  # noqa: E402
+from dsvit.engine.rebuild import host_rss_mib  # noqa: E402
 from dsvit.engine.trainer import Trainer  # noqa: E402
 from dsvit.registry import build_plugins  # noqa: E402
 
@@ -47,19 +48,20 @@ def dump_rebuilds(trainer, run_dir, rank):
     def dumped(request):
         count[0] += 1
         lr_before = [g["lr"] for g in trainer.optimizer.param_groups]
-        supplied = {k: v.detach().clone() for k, v in request.model.state_dict().items()}
+        supplied = (None if request.weights == "masters" else
+                    {k: v.detach().clone() for k, v in request.weights.items()})
         ema_before = trainer.ema.state_dict() if trainer.ema is not None else None
         before = rb.capture(trainer.engine)
-        rebuild(request)
+        derived = rebuild(request)
         after = rb.capture(trainer.engine)
         torch.save({"before": before.__dict__, "after": after.__dict__, "lr_before": lr_before,
                     "weight_decay": trainer.weight_decay,
-                    "lr_after": [g["lr"] for g in trainer.optimizer.param_groups], "param_map": request.param_map,
-                    "block_map": request.block_map, "fresh": sorted(request.new_params()),
+                    "lr_after": [g["lr"] for g in trainer.optimizer.param_groups], "param_map": derived.param_map,
+                    "block_map": request.block_map, "fresh": sorted(derived.fresh),
                     "request": supplied, "ema_before": ema_before,
                     "ema_after": trainer.ema.state_dict() if trainer.ema is not None else None,
                     "no_weight_decay": sorted(trainer.engine.module.no_weight_decay()),
-                    "rss_mib": rb.host_rss_mib(), "step": trainer.state.step},
+                    "rss_mib": host_rss_mib(), "step": trainer.state.step},
                    os.path.join(run_dir, f"rebuild{count[0]}_rank{rank}.pt"))
     trainer.rebuild = dumped
 
@@ -72,7 +74,7 @@ def main():
     dump_resumed = "--dump-resumed" in args
     args = [a for a in args if a not in ("--dump-rebuilds", "--dump-plugins", "--dump-resumed")]
     cfg = C.load_config("tiny_test", args)
-    world = _init_distributed(None)
+    world = init_distributed(None)
     C.validate(cfg, world.world_size)
     images, labels = random_dataset(512, cfg.model.img_size, 10, seed=1)
     t = cfg.train
@@ -81,7 +83,7 @@ def main():
                             local_batch=micro, seed=cfg.run.seed, batches_multiple=t.grad_accum)
     ev = MemoryEvalData(images[:100], labels[:100], rank=world.rank, world_size=world.world_size,
                         local_batch=t.eval_batch_size // world.world_size)
-    trainer = Trainer(cfg, world, build_plugins(cfg.plugins), train_data=train, eval_data=ev,
+    trainer = Trainer(cfg, world, build_plugins(cfg), train_data=train, eval_data=ev,
                       num_classes=10)
     if dump:
         dump_rebuilds(trainer, cfg.run.dir, world.rank)

@@ -8,7 +8,7 @@ import deepspeed
 import torch
 from deepspeed.utils import safe_get_full_fp32_param
 
-from dsvit.cli import _init_distributed
+from dsvit.cli import init_distributed
 from dsvit.engine.setup import clear_stale_zero3_grads
 
 
@@ -25,7 +25,7 @@ class TwoLayers(torch.nn.Module):
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     stage, out, clear = int(args[0]), args[1], "--no-clear" not in args
-    _init_distributed(None)   # gloo, and DeepSpeed's shm buffer name released as in dsvit train
+    init_distributed(None)   # gloo, and DeepSpeed's shm buffer name released as in dsvit train
     torch.manual_seed(0)
     model = TwoLayers()
     opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.0)

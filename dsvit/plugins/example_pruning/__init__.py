@@ -31,7 +31,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dsvit.engine.plugin import ORDER_DATA, Plugin, reslice_batch
+from dsvit.engine.plugin import ORDER_DATA, Plugin
+from dsvit.engine.resume import reslice_batch
 from dsvit.plugins import register
 from dsvit.plugins.example_pruning import infobatch as IB
 from dsvit.plugins.example_pruning.config import ExamplePruningConfig
@@ -58,9 +59,13 @@ class ExamplePruning(Plugin):
     config_class = ExamplePruningConfig
     order = ORDER_DATA
 
-    def __init__(self, cfg: ExamplePruningConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: ExamplePruningConfig, config=None):
+        super().__init__(cfg, config)
         self.forgetting = cfg.policy == "forgetting"
+        t = self.config.train
+        self.epochs, self.seed, self.ga, self.global_batch = t.epochs, self.config.run.seed, t.grad_accum, t.batch_size
+        self.round_epochs = cfg.round_list(t.epochs) if self.forgetting else []
+        self.mean, self.std = tuple(self.config.data.mean), tuple(self.config.data.std)
         self.core = None              # ForgettingState | InfoBatchState, built at fit_start
         self.rng = None
         self.rounds_done = 0
@@ -76,12 +81,6 @@ class ExamplePruning(Plugin):
         self.device = torch.device("cpu")
 
     # ------------------------------------------------------------ setup
-    def configure(self, cfg) -> None:
-        t = cfg.train
-        self.epochs, self.seed, self.ga, self.global_batch = t.epochs, cfg.run.seed, t.grad_accum, t.batch_size
-        self.round_epochs = self.cfg.round_list(t.epochs) if self.forgetting else []
-        self.mean, self.std = tuple(cfg.data.mean), tuple(cfg.data.std)
-
     def _remove_n(self, n: int) -> int:
         return int(self.cfg.remove_fraction * n)
 
@@ -226,10 +225,6 @@ class ExamplePruning(Plugin):
     def on_step_start(self, state) -> None:
         self._row = state.step_in_epoch * self.ga
 
-    def on_before_forward(self, state) -> None:
-        self._clsvar = None   # a variance stashed by another train-mode forward (a search's scoring
-                              # copy) must not stand in for this forward's if its hook does not run
-
     def on_after_loss(self, state) -> None:
         if self.buffer is None and self._weights is None:
             return
@@ -262,7 +257,8 @@ class ExamplePruning(Plugin):
 
     # ------------------------------------------------------------ CLS variance (token stage)
     def _clsvar_hook(self, x, attn, stage):
-        if stage.training:   # evaluation forwards record nothing
+        if stage.training and stage.primary:   # evaluation and copies' forwards (a growth search's
+                                                # scoring) record nothing
             self._clsvar = attn.cls.detach().float().var(dim=1)
         return x
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from dsvit.errors import ConfigError
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExamplePruningConfig:
     enabled: bool = True
     order: int = 0                       # 0: the data role (first)

@@ -44,7 +44,8 @@ from typing import Optional
 import torch
 
 from dsvit.errors import ConfigError
-from dsvit.engine.plugin import ORDER_TOKENS, Footprint, Plugin, TokenSite
+from dsvit.engine.compose import Footprint, TokenSite
+from dsvit.engine.plugin import ORDER_TOKENS, Plugin
 from dsvit.plugins import register
 
 SCHEDULES = ("fixed", "linear", "cyclic", "cosine")
@@ -163,7 +164,7 @@ def sweep_keep_rates(low: float = 0.2, step: float = 0.1) -> list[float]:
 
 
 # ---------------------------------------------------------------- config + plugin
-@dataclass
+@dataclass(frozen=True)
 class PSSConfig:
     enabled: bool = True
     order: int = 0                     # 0: ORDER_TOKENS (before ToE)
@@ -199,8 +200,8 @@ class PatchSampling(Plugin):
     eval_options = (("--keep-rate", "eval_keep_rate",
                      "patch keep rate(s) for dynamic inference, e.g. 0.5 or 1.0,0.8,0.6,0.4"),)
 
-    def __init__(self, cfg: PSSConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: PSSConfig, config=None):
+        super().__init__(cfg, config)
         self.drop = 0.0                    # drop ratio of the current optimizer step
         self.tokens = 0                    # K in the last training forward
         self.seed, self.rank = 0, 0
@@ -225,7 +226,7 @@ class PatchSampling(Plugin):
             self._pending_seed = None
         return self._gen
 
-    def footprint(self, cfg) -> Footprint:
+    def footprint(self) -> Footprint:
         """Training's largest drop ratio (every schedule runs between its two ends; fixed: the start)."""
         c = self.cfg
         keys = ("drop_start",) if c.schedule == "fixed" else ("drop_start", "drop_end")
@@ -247,7 +248,7 @@ class PatchSampling(Plugin):
 
     # ---- events
     def on_fit_start(self, state) -> None:
-        self.seed, self.rank = int(state.cfg.run.seed), int(state.rank)
+        self.seed, self.rank = int(self.config.run.seed), int(state.rank)
         self.total_steps = int(state.total_steps)
         self.period = self.cfg.period_steps or max(1, int(state.steps_per_epoch))
         self.cooldown = round(self.cfg.cooldown_epochs * state.steps_per_epoch)

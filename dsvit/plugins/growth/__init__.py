@@ -44,14 +44,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dsvit.engine.plugin import ORDER_DEPTH, Footprint, Plugin, reslice_batch
+from dsvit.engine.compose import Footprint
+from dsvit.engine.plugin import ORDER_DEPTH, Plugin
 from dsvit.engine.rebuild import RebuildRequest
+from dsvit.engine.resume import reslice_batch
 from dsvit.model import surgery
+from dsvit.model.vit import build_plain
 from dsvit.plugins import register
-from dsvit.plugins.progressive import schedule as S
-from dsvit.plugins.progressive.config import GrowthConfig, max_magnitude, stage_augment
-from dsvit.plugins.progressive.momentum import MomentumCopies, rescaled_decay
-from dsvit.plugins.progressive.search import Search, agree, measure_losses, measure_times
+from dsvit.plugins.growth import schedule as S
+from dsvit.plugins.growth.config import GrowthConfig, max_magnitude, stage_augment
+from dsvit.plugins.growth.momentum import MomentumCopies, rescaled_decay
+from dsvit.plugins.growth.search import Search, agree, measure_losses, measure_times
 
 __all__ = ["ProgressiveGrowth", "GrowthConfig"]
 
@@ -64,8 +67,16 @@ class ProgressiveGrowth(Plugin):
     SCHEDULE_KEYS = ("mode", "stages", "stage_unit", "stage_starts", "depths", "depth_scale",
                      "resolutions", "resolution_scale", "decays", "optimizer_state", "search_length")
 
-    def __init__(self, cfg: GrowthConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: GrowthConfig, config=None):
+        super().__init__(cfg, config)
+        m = self.config.model
+        self.model_cfg, self.data_cfg, self.seed = m, self.config.data, self.config.run.seed
+        # model.depth None is refused by the config check (nothing to grow to)
+        self.depths = cfg.depth_list(m) if m.depth is not None else []
+        self.resolutions = cfg.resolution_list(m)
+        self.patch, self.dim = m.patch_size or 16, m.embed_dim or 192
+        self.mlp_ratio = m.mlp_ratio or 4.0
+        self.dynamic = len(set(self.resolutions)) > 1
         self.depth = self.resolution = 0   # current online depth (the supernet's in a search) and input size
         self.search: Search | None = None
         self.decisions: list = []
@@ -76,24 +87,16 @@ class ProgressiveGrowth(Plugin):
         self._sampled = None               # the step's sub-network while an evaluation runs
 
     # ------------------------------------------------------------ setup
-    def configure(self, cfg) -> None:
-        c, m = self.cfg, cfg.model
-        self.model_cfg, self.data_cfg, self.seed = m, cfg.data, cfg.run.seed
-        self.depths, self.resolutions = c.depth_list(m), c.resolution_list(m)
-        self.patch, self.dim = m.patch_size or 16, m.embed_dim or 192
-        self.mlp_ratio = m.mlp_ratio or 4.0
-        self.dynamic = len(set(self.resolutions)) > 1
-
     def architecture(self) -> dict:
         arch = {"depth": self.depth or self.depths[0]}
         if self.dynamic:
             arch["dynamic_img_size"] = True
         return arch
 
-    def footprint(self, cfg) -> Footprint:
+    def footprint(self) -> Footprint:
         """The stage depths (a search's supernet and its sub-networks among them), MoGrow's block
         map at every growth, the first stage's input size."""
-        c, m = self.cfg, cfg.model
+        c, m = self.cfg, self.config.model
         if m.depth is None:       # refused by the config check: nothing to grow to
             return Footprint()
         return Footprint(depths=tuple(c.depth_list(m)), block_map=surgery.duplicate_last,
@@ -120,12 +123,12 @@ class ProgressiveGrowth(Plugin):
 
     def _build(self, state, depth: int) -> torch.nn.Module:
         arch = dict(self.architecture(), depth=depth)
-        return surgery.build_plain(self.model_cfg, state.num_classes, **arch)
+        return build_plain(self.model_cfg, state.num_classes, **arch)
 
     def on_fit_start(self, state) -> None:
         if not state.training:          # dsvit eval: the checkpoint's architecture is all that matters
             return
-        c, t = self.cfg, state.cfg.train
+        c, t = self.cfg, self.config.train
         starts = self._starts(state)
         if len(set(starts)) != len(starts):
             raise ValueError(f"plugins.growth: stage starts {starts} (steps of {state.total_steps}) "
@@ -181,11 +184,11 @@ class ProgressiveGrowth(Plugin):
         stage = state.token_stage
         if self.search is not None:
             r, d = self.search.sample(state.step, self.seed)
-            stage.active_blocks = self.search.active(d, self.cfg.quirk_smallest_base)
+            stage.set_active_blocks(self.search.active(d, self.cfg.quirk_smallest_base))
             self.step_res, self.step_depth = r, d
             surgery.set_drop_path(state.model, self.table[-1].drop_path, self.depth)
         else:
-            stage.active_blocks = None
+            stage.set_active_blocks(None)
             self.step_res, self.step_depth = self.resolution, self.depth
             row = self.table[S.stage_of(state.step, self.starts)]
             surgery.set_drop_path(state.model, row.drop_path)
@@ -193,16 +196,11 @@ class ProgressiveGrowth(Plugin):
     def _grow_request(self, state, new_depth: int, reason: str) -> None:
         """MoGrow: online weights and every copy from the slow copy / themselves, duplicated."""
         src = surgery.duplicate_last(self.depth, new_depth)
-        model = self._build(state, new_depth)
-        like = model.state_dict()
-        grown = surgery.remap_state_dict(self.copies.model(self.cfg.grow_from).state_dict(), src, like)
-        model.load_state_dict(grown)
-        self._pending = self.copies.remapped(src, like)
-        old = [n for n, _ in state.model.named_parameters()]
-        pmap = surgery.param_map([n for n, _ in model.named_parameters()], src, old)
+        grown = surgery.remap_blocks(self.copies.model(self.cfg.grow_from).state_dict(), src)
+        self._pending = self.copies.remapped(src)
         self.depth = new_depth
         state.request_rebuild(RebuildRequest(
-            model=model, param_map=pmap, arch=self.architecture(), block_map=src, weights="request",
+            block_map=src, arch=self.architecture(), weights=grown,
             optimizer_state=self.cfg.optimizer_state, new_param_state=self.cfg.new_param_state,
             step="carry" if self.cfg.optimizer_state == "carry" else "reset", reason=reason))
 
@@ -246,21 +244,16 @@ class ProgressiveGrowth(Plugin):
         self._log_search(state, record)
         active = srch.active(d, c.quirk_smallest_base)
         self.search, self.resolution = None, r
-        model = self._build(state, d)
-        like = model.state_dict()
-        self._pending = self.copies.remapped(active, like)
-        old = [n for n, _ in state.model.named_parameters()]
-        pmap = surgery.param_map([n for n, _ in model.named_parameters()], active, old)
+        self._pending = self.copies.remapped(active)
         weights = "masters"
         if c.quirk_remogrow_at_max and d == srch.max_depth:
-            model.load_state_dict(self.copies.model(c.grow_from).state_dict())
-            weights = "request"
+            weights = surgery.remap_blocks(self.copies.model(c.grow_from).state_dict(), active)
         elif active == list(range(self.depth)):   # the whole supernet: nothing to extract
             self._pending = None
             return
         self.depth = d
         state.request_rebuild(RebuildRequest(
-            model=model, param_map=pmap, arch=self.architecture(), block_map=active, weights=weights,
+            block_map=active, arch=self.architecture(), weights=weights,
             optimizer_state=c.optimizer_state, new_param_state=c.new_param_state,
             step="carry" if c.optimizer_state == "carry" else "reset",
             reason=f"stage {srch.stage}: AutoProg chose resolution {r}, depth {d}"))
@@ -308,10 +301,10 @@ class ProgressiveGrowth(Plugin):
     def on_eval_start(self, state) -> None:
         """Evaluation inside a search runs the whole supernet (at the full input size)."""
         self._sampled = state.token_stage.active_blocks
-        state.token_stage.active_blocks = None
+        state.token_stage.set_active_blocks(None)
 
     def on_eval_end(self, state) -> None:
-        state.token_stage.active_blocks = self._sampled
+        state.token_stage.set_active_blocks(self._sampled)
 
     def on_epoch_start(self, state) -> None:
         """Per-stage RandAugment magnitude and random erasing, fixed per epoch (the loader builds its

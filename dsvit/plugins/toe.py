@@ -46,7 +46,8 @@ import torch
 import torch.nn.functional as F
 
 from dsvit.errors import ConfigError
-from dsvit.engine.plugin import ORDER_TOKENS, Blocks, Footprint, Plugin, TokenSite
+from dsvit.engine.compose import Blocks, Footprint, TokenSite
+from dsvit.engine.plugin import ORDER_TOKENS, Plugin
 from dsvit.model.token_stage import add_tokens, take_tokens
 from dsvit.plugins import register
 
@@ -171,7 +172,7 @@ def _plain(v):
 
 
 # ---------------------------------------------------------------- config + plugin
-@dataclass
+@dataclass(frozen=True)
 class ToEConfig:
     enabled: bool = True
     order: int = 0                       # 0: ORDER_TOKENS + 10 (after PSS)
@@ -225,8 +226,8 @@ class TokenExpansion(Plugin):
     SCHEDULE_KEYS = ("stage_unit", "stage_starts", "keep_rates", "init_keep_rate", "repeats", "seeds",
                      "insert_before_block", "round_multiple")
 
-    def __init__(self, cfg: ToEConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: ToEConfig, config=None):
+        super().__init__(cfg, config)
         self.stage = 0
         self.tokens = 0                  # sequence length after ToE in the last training forward
         self._seeds: dict = {}           # (P, rho, device) -> seed index tensor
@@ -262,7 +263,7 @@ class TokenExpansion(Plugin):
         n0 = len(seed_positions(num_patches, self.cfg.init_keep_rate, self.cfg.seeds))
         return min(num_patches, n0 + sum(self._chunks(num_patches, n0, 1, stage)))
 
-    def footprint(self, cfg) -> Footprint:
+    def footprint(self) -> Footprint:
         """Before ``insert_before_block`` (registered once: rebuilds move it by their block map), the
         fewest patches of any active stage. Fewer than 1 / init_keep_rate patches arriving would leave
         the seed fraction no seed (the hook then keeps one anyway: a method other than configured)."""
@@ -284,10 +285,9 @@ class TokenExpansion(Plugin):
         seeds, chunks = self.plan(x.shape[1] - npt, npt, x.device)
         pos = stage.current_positions(x)
         y, keep, merged, host = token_expansion(x, npt, seeds, chunks)
-        stage.positions = torch.gather(pos, 1, keep)
+        stage.keep_positions(x, keep)
         # global positions of the merged tokens and of their hosts (visualisation)
-        stage.record["toe_merged"] = torch.gather(pos, 1, merged)
-        stage.record["toe_host"] = torch.gather(stage.positions, 1, host)
+        stage.note_merge(torch.gather(pos, 1, merged), torch.gather(stage.positions, 1, host))
         if stage.training:
             self.tokens = y.shape[1]
         return y

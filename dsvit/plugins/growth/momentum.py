@@ -45,16 +45,16 @@ class MomentumCopies:
         """After every optimizer step; under ZeRO-3 one all-gather of the online model serves all."""
         if not self.copies:
             return
-        with self.copies[0]._gathered():
+        with self.copies[0].gathered():
             for c in self.copies:
                 c.update(gathered=True)
 
     def state_dicts(self) -> list:
         return [c.state_dict() for c in self.copies]
 
-    def remapped(self, src: list, like: dict) -> list:
+    def remapped(self, src: list) -> list:
         """Every copy's state dict through block map ``src`` (each from itself)."""
-        return [surgery.remap_state_dict(c.state_dict(), src, like) for c in self.copies]
+        return [surgery.remap_blocks(c.state_dict(), src) for c in self.copies]
 
     def model(self, index: int) -> torch.nn.Module:
         return self.copies[index].model

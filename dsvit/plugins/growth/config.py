@@ -5,12 +5,12 @@ import re
 from dataclasses import dataclass, field
 
 from dsvit.errors import ConfigError
-from dsvit.plugins.progressive import schedule as S
+from dsvit.plugins.growth import schedule as S
 
 MAGNITUDE = re.compile(r"-m(\d+)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class GrowthConfig:
     enabled: bool = True
     order: int = 0                       # 0: the depth role (after data and token plugins)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dsvit.model import surgery
-from dsvit.plugins.progressive import schedule as S
+from dsvit.plugins.growth import schedule as S
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Reads what the token stage recorded in the training forward that just ran: ``stage.positions`` (the
 tokens that reached the last block, as indices into the full embedded sequence) and, when ToE merged,
-``stage.record["toe_merged"]`` / ``["toe_host"]``. Kept patches are shown as they are, patches merged by
+``stage.last_merge`` (``TokenMerge``: merged positions and their hosts). Kept patches are shown as they are, patches merged by
 ToE are tinted with a colour per host, and patches no block saw (dropped by PSS) are darkened.
 Rank 0 only (the logger ignores other ranks); costs nothing on steps it does not log.
 """
@@ -50,7 +50,7 @@ def token_grid(images: torch.Tensor, positions: torch.Tensor, num_prefix: int, p
     return canvas
 
 
-@dataclass
+@dataclass(frozen=True)
 class TokenVizConfig:
     enabled: bool = True
     order: int = 0
@@ -64,18 +64,16 @@ class TokenViz(Plugin):
     order = ORDER_OTHER
 
     def on_after_forward(self, state) -> None:
-        every = state.cfg.log.image_every_steps
+        every = self.config.log.image_every_steps
         stage = state.token_stage
         if not every or state.step % every or state.logger is None or stage.positions is None:
             return
         n = self.cfg.num_images
-        d = state.cfg.data
+        d = self.config.data
         patch = state.model.patch_embed.patch_size[0]
+        merge = stage.last_merge
         grid = token_grid(state.batch.images[:n], stage.positions[:n], stage.num_prefix_tokens, patch,
-                          d.mean, d.std, _first(stage.record.get("toe_merged"), n),
-                          _first(stage.record.get("toe_host"), n))
+                          d.mean, d.std, None if merge is None else merge.merged[:n],
+                          None if merge is None else merge.host[:n])
         state.logger.image("tokens/kept", grid)
 
-
-def _first(t, n):
-    return None if t is None else t[:n]
