@@ -255,7 +255,7 @@ def worker(args) -> None:
     for item in (f"run.ds_config=zero{args.stage}", f"run.precision={args.precision}",
                  f"model.name={args.model}", "model.num_classes=1000", f"train.grad_accum={args.grad_accum}",
                  f"train.batch_size={args.batch * world.world_size * args.grad_accum}"):
-        C.apply_override(cfg, item)
+        cfg = C.apply_override(cfg, item)
     ds_config = complete_ds_config(cfg, world.world_size)
     ds_config["zero_optimization"].update(json.loads(args.zero_overrides or "{}"))
     device = torch.device(get_accelerator().device_name(world.local_rank))

@@ -81,13 +81,10 @@ def main() -> int:
         old_depth = len(model.blocks)
         new_depth = args.grow_to if (i == 0 and args.grow_to) else old_depth
         src = surgery.duplicate_last(old_depth, new_depth)
-        new = surgery.build_plain(trainer.model_cfg, 10, depth=new_depth)
-        pmap = surgery.param_map([n for n, _ in new.named_parameters()], src,
-                                 [n for n, _ in model.named_parameters()])
         if new_depth != old_depth:
             depth.depth = new_depth
-        request = rb.RebuildRequest(model=new, param_map=pmap, arch=depth.architecture(), block_map=src,
-                                    weights="masters", requested_by="bench")
+        request = rb.RebuildRequest(block_map=src, arch=depth.architecture(), weights="masters",
+                                    requested_by="bench")
         trainer.rebuild(request)
         times = trainer.last_rebuild_times
         totals.append(sum(times.values()))

@@ -43,7 +43,8 @@ import torch.nn.functional as F
 
 # ---------------------------------------------------------------- analytic FLOPs (MACs)
 def block_macs(n: int, c: int, mlp_ratio: float = 4.0) -> int:
-    return int((4 + 2 * mlp_ratio) * n * c * c + 2 * n * n * c)
+    from dsvit.model.token_stage import vit_block_macs
+    return int(vit_block_macs(n, c, mlp_ratio))
 
 
 def toe_hook_macs(p: int, c: int, seeds: int, chunks: list[int]) -> int:

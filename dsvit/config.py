@@ -16,32 +16,16 @@ import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional, get_args, get_origin, get_type_hints
+from typing import Optional
 
 import yaml
 
 from dsvit.errors import ConfigError  # noqa: F401  (re-exported: C.ConfigError)
+from dsvit.typed_fields import FrozenDict, set_fields, unknown_key
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 RECIPE_DIR = PACKAGE_DIR / "recipes"
 DS_CONFIG_DIR = PACKAGE_DIR.parent / "ds_configs"
-
-
-class FrozenDict(dict):
-    """A dict that refuses changes after construction (``Config.plugins``): the config is read-only."""
-
-    def _refuse(self, *args, **kwargs):
-        raise TypeError("the configuration is read-only after loading; make a new one with "
-                        "dsvit.config.apply_override or dataclasses.replace")
-
-    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _refuse  # type: ignore
-
-    def __reduce__(self):
-        return FrozenDict, (dict(self),)
-
-    def __deepcopy__(self, memo):
-        import copy
-        return FrozenDict({k: copy.deepcopy(v, memo) for k, v in self.items()})
 
 
 @dataclass(frozen=True)
@@ -164,61 +148,6 @@ def recipe_path(name_or_path: str) -> Path:
     raise ConfigError(f"recipe '{name_or_path}' not found: give a YAML path or one of {list_recipes()}")
 
 
-def _coerce(value: Any, typ: Any, key: str) -> Any:
-    origin = get_origin(typ)
-    if type(None) in get_args(typ):   # Optional[X]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        typ = [a for a in get_args(typ) if a is not type(None)][0]
-        origin = get_origin(typ)
-    try:
-        if typ is bool:
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError
-            return bool(value)
-        if typ is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if typ is float:
-            return float(value)
-        if typ is str:
-            return str(value)
-        if typ is tuple or origin is tuple:
-            if isinstance(value, str):
-                value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
-            return tuple(value)
-        if typ is list or origin is list:
-            if isinstance(value, str):
-                value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
-            return list(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}: cannot read {value!r} as {getattr(typ, '__name__', typ)}") from None
-    return value
-
-
-def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, valid, n=3)
-    hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    return ConfigError(f"unknown key '{where}{key}'{hint}; valid keys at this level: {', '.join(valid)}")
-
-
-def _set_fields(obj: Any, values: dict, where: str) -> Any:
-    """``obj`` (a frozen section) with ``values`` set, coerced to the fields' types."""
-    hints = get_type_hints(type(obj))
-    names = [f.name for f in fields(obj)]
-    changes = {}
-    for k, v in values.items():
-        if k not in names:
-            raise _unknown_key(k, names, where)
-        changes[k] = _coerce(v, hints[k], where + k)
-    return dataclasses.replace(obj, **changes)
-
-
 def _plugin_registry() -> dict:
     from dsvit.registry import plugin_registry
     return plugin_registry()
@@ -227,11 +156,11 @@ def _plugin_registry() -> dict:
 def _set_plugin(cfg: Config, name: str, values: dict) -> Config:
     registry = _plugin_registry()
     if name not in registry:
-        raise _unknown_key(name, sorted(registry), "plugins.")
+        raise unknown_key(name, sorted(registry), "plugins.")
     if not isinstance(values, dict):
         raise ConfigError(f"plugins.{name} must be a mapping of keys, got {values!r}")
     section = cfg.plugins[name] if name in cfg.plugins else registry[name].config_class()
-    section = _set_fields(section, values, f"plugins.{name}.")
+    section = set_fields(section, values, f"plugins.{name}.")
     return dataclasses.replace(cfg, plugins=FrozenDict({**cfg.plugins, name: section}))
 
 
@@ -239,7 +168,7 @@ def apply_mapping(cfg: Config, data: dict) -> Config:
     """A new config: ``cfg`` with a recipe-shaped mapping ``{section: {key: value}}`` applied."""
     for section, values in (data or {}).items():
         if section not in SECTIONS:
-            raise _unknown_key(section, SECTIONS, "")
+            raise unknown_key(section, SECTIONS, "")
         if values is None:
             continue
         if not isinstance(values, dict):
@@ -248,7 +177,7 @@ def apply_mapping(cfg: Config, data: dict) -> Config:
             for name, pv in values.items():
                 cfg = _set_plugin(cfg, name, pv or {})
         else:
-            cfg = dataclasses.replace(cfg, **{section: _set_fields(getattr(cfg, section), values,
+            cfg = dataclasses.replace(cfg, **{section: set_fields(getattr(cfg, section), values,
                                                                    section + ".")})
     return cfg
 
@@ -260,7 +189,7 @@ def apply_override(cfg: Config, item: str) -> Config:
     key, value = item.split("=", 1)
     parts = key.split(".")
     if parts[0] not in SECTIONS:
-        raise _unknown_key(parts[0], SECTIONS, "")
+        raise unknown_key(parts[0], SECTIONS, "")
     if parts[0] == "plugins":
         if len(parts) != 3:
             raise ConfigError(f"'{key}': plugin overrides look like plugins.NAME.KEY=VALUE")
@@ -268,7 +197,7 @@ def apply_override(cfg: Config, item: str) -> Config:
     if len(parts) != 2:
         raise ConfigError(f"'{key}': overrides look like section.key=value, e.g. train.lr=5e-4")
     parsed = yaml.safe_load(value) if value != "" else ""
-    section = _set_fields(getattr(cfg, parts[0]), {parts[1]: parsed if parsed is not None else value},
+    section = set_fields(getattr(cfg, parts[0]), {parts[1]: parsed if parsed is not None else value},
                           parts[0] + ".")
     return dataclasses.replace(cfg, **{parts[0]: section})
 

@@ -16,10 +16,36 @@ SCRIPT = ROOT / "tests" / "scripts" / "train_memory.py"
 DEEPSPEED = Path(sys.executable).with_name("deepspeed")
 
 
+ENV = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def release_shm(port: int) -> list[Path]:
+    """Unlink the DeepSpeed shm all-reduce buffers a run on ``port`` left; returns what was left.
+
+    dsvit unlinks DeepSpeed's 66 MiB /dev/shm all-reduce buffer names right after init
+    (cli._release_shm_buffer_name); a launch that left any behind is a failure, but the caller cleans
+    up first so one failure cannot fill /dev/shm for the rest of the suite."""
+    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    for f in left:
+        f.unlink(missing_ok=True)
+    return left
+
+
+def node_commands(run_dir: Path, port: int, args: list[str], nodes: int = 2) -> list[list[str]]:
+    """One deepspeed launcher command per simulated node on 127.0.0.1 (``--no_ssh --node_rank K``,
+    one rank each), as a cluster without ssh between its nodes runs them; the hostfile is written
+    beside ``run_dir``."""
+    hostfile = Path(run_dir).parent / f"{Path(run_dir).name}.hostfile"
+    hostfile.parent.mkdir(parents=True, exist_ok=True)
+    hostfile.write_text("".join(f"{h} slots=1\n" for h in ["localhost", "127.0.0.1"][:nodes]))
+    return [[str(DEEPSPEED), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(k),
+             "--master_addr", "127.0.0.1", "--master_port", str(port), *args] for k in range(nodes)]
 
 
 def launch(run_dir: Path, overrides: list[str], world_size: int = 1, extra: list[str] = (),
@@ -27,16 +53,10 @@ def launch(run_dir: Path, overrides: list[str], world_size: int = 1, extra: list
     port = free_port()
     cmd = [str(DEEPSPEED), "--num_gpus", str(world_size), "--master_port", str(port),
            str(script), *extra, f"run.dir={run_dir}", *overrides]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     finally:
-        # dsvit unlinks DeepSpeed's 66 MiB /dev/shm all-reduce buffer names right after init
-        # (cli._release_shm_buffer_name); a launch that left any behind is a failure, but clean up
-        # first so one failure cannot fill /dev/shm for the rest of the suite
-        left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
-        for f in left:
-            f.unlink(missing_ok=True)
+        left = release_shm(port)
     if check and proc.returncode != 0:
         raise AssertionError(f"launch failed ({proc.returncode}): {' '.join(cmd)}\n"
                              f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
@@ -47,26 +67,18 @@ def launch(run_dir: Path, overrides: list[str], world_size: int = 1, extra: list
 
 def launch_nodes(run_dir: Path, overrides: list[str], nodes: int = 2, extra: list[str] = (),
                  script: Path = SCRIPT) -> list[subprocess.CompletedProcess]:
-    """Simulated nodes: one deepspeed launcher per node on 127.0.0.1 (``--no_ssh --node_rank K``,
-    one rank each), as a cluster without ssh between its nodes runs them; all must succeed.
-    ``script="dsvit"``: the real CLI (``--module dsvit``; ``extra`` starts with ``train``)."""
+    """Simulated nodes (``node_commands``); all must succeed. ``script="dsvit"``: the real CLI
+    (``--module dsvit``; ``extra`` starts with ``train``)."""
     port = free_port()
-    hostfile = Path(run_dir).parent / f"{Path(run_dir).name}.hostfile"
-    hostfile.parent.mkdir(parents=True, exist_ok=True)
-    hostfile.write_text("".join(f"{h} slots=1\n" for h in ["localhost", "127.0.0.1"][:nodes]))
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([str(DEEPSPEED), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(k),
-                               "--master_addr", "127.0.0.1", "--master_port", str(port),
-                               *(["--module", "dsvit"] if script == "dsvit" else [str(script)]), *extra,
-                               f"run.dir={run_dir}", *overrides],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for k in range(nodes)]
+    args = [*(["--module", "dsvit"] if script == "dsvit" else [str(script)]), *extra,
+            f"run.dir={run_dir}", *overrides]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for cmd in node_commands(run_dir, port, args, nodes)]
     done = []
     for k, p in enumerate(procs):
         out, err = p.communicate(timeout=600)
         done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
-    for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-        f.unlink(missing_ok=True)
+    release_shm(port)
     bad = [(k, d) for k, d in enumerate(done) if d.returncode != 0]
     if bad:
         k, d = bad[0]

@@ -81,7 +81,7 @@ def _run_one(name: str, run_root: Path, world) -> dict:
            "dtype": str(trainer.model_dtype), "device": str(trainer.device),
            "checkpoint": str(trainer.last_checkpoint),
            **_placement(trainer.engine)}
-    trainer._destroy_engine()
+    trainer.destroy_engine()
     out["seconds"] = round(time.perf_counter() - t0, 2)
     return out
 

@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 
-from dsvit.config import Config
 from dsvit.engine import checkpoint as ckpt
 from dsvit.engine.plugin import Plugin, State
 from dsvit.engine.plugin_set import PluginSet

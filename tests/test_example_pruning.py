@@ -385,11 +385,16 @@ def test_clsvar_hook_records_the_last_blocks_cls_variance_and_follows_a_rebuild(
     model.train()
     x = torch.randn(3, 3, 16, 16)
     model(x)
-    assert torch.allclose(run.plugin._clsvar, seen["cls"].var(dim=1))
+    uids = torch.arange(3)
+    assert torch.allclose(run.plugin._clsvar(stage, uids), seen["cls"].var(dim=1))
     model.eval()
-    run.plugin._clsvar = None
     model(x)
-    assert run.plugin._clsvar is None                          # evaluation records nothing
+    assert run.plugin._clsvar(stage, uids).isnan().all()      # evaluation records nothing
+    copy, _ = build_model(mc, 10)
+    stage.attach(copy, primary=False)
+    copy.train()
+    copy(x)
+    assert run.plugin._clsvar(stage, uids).isnan().all()      # nor a copy's training-mode forward
     grown, _ = build_model(dataclasses.replace(mc, depth=3), 10)
     stage.attach(grown)
     stage.remap_blocks([0, 1, 1])

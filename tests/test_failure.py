@@ -20,28 +20,22 @@ import pytest
 
 from dsvit import config as C
 from dsvit.engine.checkpoint import MARKER, find_resumable, problems
-from launch import DEEPSPEED, ROOT, free_port, loss_trace
+from launch import DEEPSPEED, ENV, ROOT, free_port, loss_trace, node_commands, release_shm
 
 STEPS = 30   # under one epoch (32 steps): no epoch-end evaluation
 TRAIN = ["--module", "dsvit", "train", "--config", "tiny_test", "data.synthetic_train=512",
          "data.synthetic_val=40", "data.workers=0", f"run.max_steps={STEPS}", "checkpoint.every_steps=2",
          "checkpoint.keep_last=3"]
-ENV = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 
 
 class Nodes:
     """Two per-node launchers (node rank 0 and 1, one rank each), output to RUN.node{K}.log."""
 
     def __init__(self, run: Path, overrides: list[str]):
-        hosts = run.parent / "hostfile"
-        hosts.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
         self.port = free_port()
         self.logs = [run.parent / f"{run.name}.node{k}.log" for k in (0, 1)]
         self.launchers = []
-        for k, log in enumerate(self.logs):
-            cmd = [str(DEEPSPEED), "--hostfile", str(hosts), "--no_ssh", "--node_rank", str(k),
-                   "--master_addr", "127.0.0.1", "--master_port", str(self.port), *TRAIN,
-                   f"run.dir={run}", *overrides]
+        for log, cmd in zip(self.logs, node_commands(run, self.port, [*TRAIN, f"run.dir={run}", *overrides])):
             with open(log, "w") as out:
                 self.launchers.append(subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=out,
                                                        stderr=subprocess.STDOUT, start_new_session=True))
@@ -69,8 +63,7 @@ class Nodes:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
-        for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{self.port}_*"):
-            f.unlink(missing_ok=True)
+        release_shm(self.port)
 
 
 def wait_for(predicate, timeout: float, nodes: Nodes, what: str):
@@ -187,8 +180,7 @@ def test_lost_rank_ends_the_run_and_it_resumes(tmp_path):
         if single.poll() is None:
             os.killpg(single.pid, signal.SIGKILL)
             single.wait()
-        for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-            f.unlink(missing_ok=True)
+        release_shm(port)
     assert single.returncode == 0, output[-3000:]
     assert f"resumed from {resumed}" in output
     assert max(loss_trace(run)) == STEPS

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from launch import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 L = ROOT / "launchers"
 VENV_BIN = str(Path(sys.executable).parent)
@@ -37,12 +39,6 @@ def hostfile(tmp_path, text, name="hostfile"):
     f = tmp_path / name
     f.write_text(text)
     return f
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_single_node_dry_run_prints_the_command():

@@ -54,7 +54,7 @@ def scan_imagefolder(src: Path, split: str | None) -> dict[str, dict[str, list[P
 
 
 def _probe_all(paths: list[str], workers: int, progress: bool) -> list[str]:
-    bar = S._bar(len(paths), "checking files", progress)
+    bar = S.progress_bar(len(paths), "checking files", progress)
     if workers > 1 and len(paths) > 256:
         with mp.get_context("fork").Pool(workers) as pool:
             res = []

@@ -208,7 +208,7 @@ def write_split(records: list, out_dir, split: str, class_names: list[str], info
     tasks = [(str(out_dir), split, t, s, records[s:s + shard_max_count], enc, shard_max_bytes)
              for t, s in enumerate(range(0, len(records), shard_max_count))]
     results = [None] * len(tasks)
-    bar = _bar(len(records), f"writing {split}", progress)
+    bar = progress_bar(len(records), f"writing {split}", progress)
     if workers > 1 and len(tasks) > 1:
         with mp.get_context("fork").Pool(min(workers, len(tasks))) as pool:
             for t, res in pool.imap_unordered(_indexed_write, enumerate(tasks)):
@@ -245,7 +245,7 @@ def _indexed_write(item):
     return t, _write_task(task)
 
 
-def _bar(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True)
 
@@ -292,7 +292,7 @@ def verify_dataset(out_dir, progress: bool = True) -> tuple[list[str], dict]:
     ncls = info.get("num_classes", len(info.get("class_names", [])))
     for split, sinfo in info["splits"].items():
         lengths = sinfo["shard_lengths"]
-        bar = _bar(sinfo["num_samples"], f"verify {split}", progress)
+        bar = progress_bar(sinfo["num_samples"], f"verify {split}", progress)
         seen = 0
         for i, name in enumerate(sinfo["filenames"]):
             path = out / name

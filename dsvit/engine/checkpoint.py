@@ -100,9 +100,10 @@ def read_marker(tag_dir: Path) -> dict:
 
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, run_state: dict, rank_state: dict,
-         weights: dict, meta: dict, rank: int, keep_last: int) -> Path:
+         weights: dict, meta: dict, rank: int, keep_last: int, engine_saved=None) -> Path:
     """Collective: every rank calls it at the same step. ``weights`` (rank 0): name -> tensor dict
-    per safetensors file, e.g. {"weights": fp32 state dict, "ema": ...}."""
+    per safetensors file, e.g. {"weights": fp32 state dict, "ema": ...}. ``engine_saved(tag_dir)``
+    runs right after DeepSpeed wrote its files, before ours and the marker (tests kill a run there)."""
     from safetensors.torch import save_file
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
@@ -114,6 +115,8 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, run_state: dict,
         shutil.rmtree(tag_dir)   # a leftover from a killed save of this very step
     _barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    if engine_saved is not None:
+        engine_saved(tag_dir)
     torch.save(dict(rank_state, rng=rng_state()), tag_dir / rank_file(rank))
     if rank == 0:
         torch.save(run_state, tag_dir / RUN_STATE)

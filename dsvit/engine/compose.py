@@ -86,7 +86,7 @@ PHASES = ("after_embed", "before_block", "after_attention")   # their order with
 def check_composition(plugins, cfg) -> None:
     """Raise ConfigError if the plugins (a PluginSet or a list) cannot work together on ``cfg``."""
     plugins = list(plugins if isinstance(plugins, PluginSet) else PluginSet(list(plugins)))
-    prints = [(p, p.footprint()) for p in plugins]
+    prints = [(p, p.footprint() or Footprint()) for p in plugins]
     if not any(f.sites or f.mask_blocks or f.depths for _, f in prints):
         return                      # nothing declared: no model lookup either
     _only_one(prints, "mask_blocks", "provide attention masks (one provider per block)")

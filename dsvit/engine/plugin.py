@@ -138,6 +138,6 @@ class Plugin:
         return None
 
     def footprint(self):
-        """What the plugin does to the tokens and the depth (``dsvit.engine.compose.Footprint``)."""
-        from dsvit.engine.compose import Footprint
-        return Footprint()
+        """What the plugin does to the tokens and the depth, a ``dsvit.engine.compose.Footprint``
+        (None: nothing)."""
+        return None

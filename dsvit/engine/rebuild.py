@@ -30,7 +30,7 @@ from __future__ import annotations
 import gc
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Union
 
 import torch
 

@@ -31,12 +31,23 @@ from dsvit.engine.plugin import REBUILD_EVENTS, Batch
 from dsvit.engine.setup import (World, build_engine, clear_stale_zero3_grads, lr_schedule,
                                 seed_everything, soft_targets)
 
-__all__ = ["Trainer", "World"]
+__all__ = ["RunObserver", "Trainer", "World"]
+
+
+class RunObserver:
+    """Extension points for tools and tests, beside the plugins' events: what a plugin may not see
+    (the engine around a rebuild, a checkpoint's files). No-ops here; override what you need."""
+
+    def rebuilding(self, trainer: "Trainer", request: rb.RebuildRequest) -> None: ...
+    def rebuilt(self, trainer: "Trainer", request: rb.RebuildRequest, derived: rb.Derived) -> None: ...
+    def engine_files_saved(self, trainer: "Trainer", tag_dir: Path) -> None: ...
+    def checkpointed(self, trainer: "Trainer", tag_dir: Path) -> None: ...
 
 
 class Trainer:
     def __init__(self, cfg: C.Config, world: World, plugins: list, train_data=None, eval_data=None,
-                 num_classes: Optional[int] = None):
+                 num_classes: Optional[int] = None, observer: Optional[RunObserver] = None):
+        self.observer = observer or RunObserver()
         B.build(self, cfg, world, plugins, train_data, eval_data, num_classes)
 
     # ------------------------------------------------------------ what the builder and rebuilds use
@@ -85,7 +96,10 @@ class Trainer:
 
     def rebuild(self, request: rb.RebuildRequest) -> rb.Derived:
         """Rebuild the engine around the model ``request`` declares, between two optimizer steps."""
-        return rb.rebuild_engine(self, request)
+        self.observer.rebuilding(self, request)
+        derived = rb.rebuild_engine(self, request)
+        self.observer.rebuilt(self, request, derived)
+        return derived
 
     # ------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
@@ -102,10 +116,12 @@ class Trainer:
                          weights if self.world.rank == 0 else {},
                          dict(self.fingerprint(), run_id=self.run_id, world_size=self.world.world_size,
                               data_streams=self.cfg.data.streams),
-                         self.world.rank, self.cfg.checkpoint.keep_last)
+                         self.world.rank, self.cfg.checkpoint.keep_last,
+                         engine_saved=lambda tag_dir: self.observer.engine_files_saved(self, tag_dir))
         self.last_checkpoint = path
         self.logger.info("checkpoint %s", path)
         self.meter.pause(time.perf_counter() - t0)
+        self.observer.checkpointed(self, path)
         return path
 
     def load_engine_state(self, tag_dir: Path, run_state: dict) -> None:

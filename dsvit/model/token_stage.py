@@ -286,6 +286,12 @@ def block_macs(blk, tokens: int, width: int) -> float:
     return tokens * (4 * width * width + 2 * width * hidden) + 2 * tokens * tokens * width
 
 
+def vit_block_macs(tokens: int, dim: int, mlp_ratio: float) -> float:
+    """Multiply-accumulates of one ViT block on ``tokens`` tokens from its shape alone: qkv + proj +
+    MLP + attention (``block_macs`` reads the hidden width off a built block)."""
+    return tokens * dim * dim * (4 + 2 * mlp_ratio) + 2 * tokens * tokens * dim
+
+
 def take_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Tokens ``idx`` [B, K] of ``x`` [B, N, C]. One flat index_select rather than ``torch.gather``
     with an expanded index: the same values and gradients, half the time of ToE's hook on CPU

@@ -28,7 +28,7 @@ from dsvit.cli import init_distributed  # noqa: E402
 from dsvit.data.memory import MemoryEvalData, MemoryTrainData, random_dataset  # noqa: E402
 from dsvit.engine import optimizer_state as rb  # noqa: E402
 from dsvit.engine.rebuild import host_rss_mib  # noqa: E402
-from dsvit.engine.trainer import Trainer  # noqa: E402
+from dsvit.engine.trainer import RunObserver, Trainer  # noqa: E402
 from dsvit.registry import build_plugins  # noqa: E402
 
 
@@ -41,29 +41,46 @@ def flag(args, name):
     return None
 
 
-def dump_rebuilds(trainer, run_dir, rank):
-    rebuild = trainer.rebuild
-    count = [0]
+class Observer(RunObserver):
+    """The trainer's extension points: dumps around rebuilds, a stop after a checkpoint, a SIGKILL
+    inside a checkpoint write (DeepSpeed's files written, ours and the marker not yet)."""
 
-    def dumped(request):
-        count[0] += 1
-        lr_before = [g["lr"] for g in trainer.optimizer.param_groups]
-        supplied = (None if request.weights == "masters" else
-                    {k: v.detach().clone() for k, v in request.weights.items()})
-        ema_before = trainer.ema.state_dict() if trainer.ema is not None else None
-        before = rb.capture(trainer.engine)
-        derived = rebuild(request)
+    def __init__(self, run_dir, rank, dump=False, stop_at=None, kill_at=None):
+        self.run_dir, self.rank, self.dump = run_dir, rank, dump
+        self.stop_at, self.kill_at, self.count = stop_at, kill_at, 0
+
+    def rebuilding(self, trainer, request):
+        if not self.dump:
+            return
+        self.lr_before = [g["lr"] for g in trainer.optimizer.param_groups]
+        self.supplied = (None if request.weights == "masters" else
+                         {k: v.detach().clone() for k, v in request.weights.items()})
+        self.ema_before = trainer.ema.state_dict() if trainer.ema is not None else None
+        self.before = rb.capture(trainer.engine)
+
+    def rebuilt(self, trainer, request, derived):
+        if not self.dump:
+            return
+        self.count += 1
         after = rb.capture(trainer.engine)
-        torch.save({"before": before.__dict__, "after": after.__dict__, "lr_before": lr_before,
+        torch.save({"before": self.before.__dict__, "after": after.__dict__, "lr_before": self.lr_before,
                     "weight_decay": trainer.weight_decay,
                     "lr_after": [g["lr"] for g in trainer.optimizer.param_groups], "param_map": derived.param_map,
                     "block_map": request.block_map, "fresh": sorted(derived.fresh),
-                    "request": supplied, "ema_before": ema_before,
+                    "request": self.supplied, "ema_before": self.ema_before,
                     "ema_after": trainer.ema.state_dict() if trainer.ema is not None else None,
                     "no_weight_decay": sorted(trainer.engine.module.no_weight_decay()),
                     "rss_mib": host_rss_mib(), "step": trainer.state.step},
-                   os.path.join(run_dir, f"rebuild{count[0]}_rank{rank}.pt"))
-    trainer.rebuild = dumped
+                   os.path.join(self.run_dir, f"rebuild{self.count}_rank{self.rank}.pt"))
+
+    def engine_files_saved(self, trainer, tag_dir):
+        if trainer.state.step == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)   # files written, marker not yet
+
+    def checkpointed(self, trainer, tag_dir):
+        if self.stop_at is not None and trainer.state.step == self.stop_at:
+            trainer.logger.close()
+            sys.exit(0)
 
 
 def main():
@@ -83,33 +100,13 @@ def main():
                             local_batch=micro, seed=cfg.run.seed, batches_multiple=t.grad_accum)
     ev = MemoryEvalData(images[:100], labels[:100], rank=world.rank, world_size=world.world_size,
                         local_batch=t.eval_batch_size // world.world_size)
-    trainer = Trainer(cfg, world, build_plugins(cfg), train_data=train, eval_data=ev,
-                      num_classes=10)
-    if dump:
-        dump_rebuilds(trainer, cfg.run.dir, world.rank)
+    trainer = Trainer(cfg, world, build_plugins(cfg), train_data=train, eval_data=ev, num_classes=10,
+                      observer=Observer(cfg.run.dir, world.rank, dump, stop_at, kill_at))
     if dump_resumed:
         torch.save({"snapshot": rb.capture(trainer.engine).__dict__, "step": trainer.state.step,
                     "weight_decay": [g["weight_decay"] for g in trainer.optimizer.param_groups],
                     "built_weight_decay": trainer.weight_decay},
                    os.path.join(cfg.run.dir, f"resumed_rank{world.rank}.pt"))
-
-    save = trainer.save_checkpoint
-    def save_and_maybe_stop():
-        path = save()
-        if stop_at is not None and trainer.state.step == stop_at:
-            trainer.logger.close()
-            sys.exit(0)
-        return path
-    trainer.save_checkpoint = save_and_maybe_stop
-
-    if kill_at is not None:
-        engine_save = trainer.engine.save_checkpoint
-        def save_then_die(*a, **kw):
-            out = engine_save(*a, **kw)
-            if trainer.state.step == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)   # files written, marker not yet
-            return out
-        trainer.engine.save_checkpoint = save_then_die
 
     trainer.fit()
     if dump_plugins:

@@ -73,7 +73,6 @@ class ExamplePruning(Plugin):
         self.buffer = None            # this epoch's events (None: not recording)
         self._saved_events = None     # a mid-epoch checkpoint's events, until its epoch starts
         self._weights = None          # InfoBatch: per-uid loss weights on the device
-        self._clsvar = None           # the current forward's CLS variance [B]
         self._hook = self._clsvar_hook
         self._stage = None            # the token stage the hook is registered with
         self._row = 0
@@ -235,7 +234,7 @@ class ExamplePruning(Plugin):
         if self.buffer is not None:
             if self.forgetting:
                 correct = state.logits.detach().argmax(-1) == state.batch.labels
-                extra = (self._take_clsvar(uids),) if self.buffer.columns == 3 else ()
+                extra = (self._clsvar(state.token_stage, uids),) if self.buffer.columns == 3 else ()
                 self.buffer.write(self._row, uids, correct, *extra)
             else:   # the loss before the re-weighting below
                 self.buffer.write(self._row, uids, state.loss_per_sample.detach())
@@ -257,13 +256,14 @@ class ExamplePruning(Plugin):
 
     # ------------------------------------------------------------ CLS variance (token stage)
     def _clsvar_hook(self, x, attn, stage):
-        if stage.training and stage.primary:   # evaluation and copies' forwards (a growth search's
-                                                # scoring) record nothing
-            self._clsvar = attn.cls.detach().float().var(dim=1)
+        """The CLS row's variance of the forward that runs, into the stage's per-forward scratch:
+        evaluation and copies' forwards (a growth search's scoring) record nothing."""
+        if stage.training and stage.primary:
+            stage.scratch(self)["clsvar"] = attn.cls.detach().float().var(dim=1)
         return x
 
-    def _take_clsvar(self, uids) -> torch.Tensor:
-        v, self._clsvar = self._clsvar, None
+    def _clsvar(self, stage, uids) -> torch.Tensor:
+        v = stage.scratch(self).get("clsvar") if stage is not None else None
         if v is None or v.shape[0] != uids.shape[0]:   # no hook output this forward: NaN (mean skips it)
             return torch.full(uids.shape, float("nan"), device=uids.device)
         return v
@@ -283,7 +283,6 @@ class ExamplePruning(Plugin):
         if self._stage is not None:
             self._stage.remove(self._hook)
             self._stage = None
-        self._clsvar = None
 
     def on_after_rebuild(self, state) -> None:
         if self._stage is not None:   # the last block of the new model

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dsvit.model.token_stage import vit_block_macs
+
 
 def make_div(value: float, divisor: int) -> int:
     """Round to a multiple of ``divisor`` (at least ``divisor``), one step up if that lost >10 %."""
@@ -128,11 +130,6 @@ def loss_points(window: int, epochs: int = 2) -> list[int]:
     part = window / epochs
     last = [round(window - part + part * f) for f in (0.25, 0.5, 0.75, 1.0)]
     return sorted(set([round(window - part)] + last) - {0})
-
-
-def vit_block_macs(tokens: int, dim: int, mlp_ratio: float) -> float:
-    """Multiply-accumulates of one ViT block on ``tokens`` tokens: qkv + proj + MLP + attention."""
-    return tokens * dim * dim * (4 + 2 * mlp_ratio) + 2 * tokens * tokens * dim
 
 
 def candidate_macs(res: int, depth: int, patch: int, prefix: int, dim: int, mlp_ratio: float) -> float:

@@ -92,7 +92,7 @@ class _Scoring:
 
     def __exit__(self, *exc):
         self.model.eval()
-        self.stage.active_blocks = self._active
+        self.stage.set_active_blocks(self._active)
         self._rng.__exit__(*exc)
 
 
@@ -102,7 +102,7 @@ def measure_losses(model, stage, srch: Search, smallest_base: bool, drop_path: f
     with _Scoring(model, stage, drop_path, srch.max_depth, seed) as dev, torch.no_grad():
         count = 0
         for r, d in srch.cands:
-            stage.active_blocks = srch.active(d, smallest_base)
+            stage.set_active_blocks(srch.active(d, smallest_base))
             total, count = torch.zeros((), dtype=torch.float64, device=dev), 0
             for images, targets in srch.batches:
                 logits = model(_resized(images.to(dev), r)).float()
@@ -127,7 +127,7 @@ def measure_times(model, stage, srch: Search, iters: int, warmup: int, smallest_
             p.requires_grad_(True)
         try:
             for r, d in srch.cands:
-                stage.active_blocks = srch.active(d, smallest_base)
+                stage.set_active_blocks(srch.active(d, smallest_base))
                 x, y, laps = _resized(images.to(dev), r), targets.to(dev), []
                 for i in range(warmup + iters):
                     _sync(dev)
