@@ -15,8 +15,8 @@ COUNTERS = ("corrupt_skipped", "filtered", "short_shards", "short_shard_missing"
 
 
 @pytest.fixture
-def root(tmp_path):  # 96 train in 8 shards of 12, 50 val in 2 shards of 25
-    return write_dataset(tmp_path / "d", 96, 50)
+def root(shards_96_50_copy):  # 96 train in 8 shards of 12, 50 val in 2 shards of 25, ours to damage
+    return shards_96_50_copy
 
 
 @pytest.fixture

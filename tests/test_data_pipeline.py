@@ -10,8 +10,8 @@ from data_helpers import cfg, collect, write_dataset
 
 
 @pytest.fixture(scope="module")
-def even(tmp_path_factory):  # 96 train in 8 shards of 12, 50 val in 2 shards
-    return write_dataset(tmp_path_factory.mktemp("even"), 96, 50)
+def even(shards_96_50):  # 96 train in 8 shards of 12, 50 val in 2 shards (shared, read-only)
+    return shards_96_50
 
 
 @pytest.fixture(scope="module")
