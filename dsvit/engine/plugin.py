@@ -33,6 +33,7 @@ from dsvit.engine.interfaces import RunLog, TokenStageOps, TrainData
 EVENTS = ("fit_start", "epoch_start", "step_start", "batch_start", "before_forward", "after_forward",
           "after_loss", "after_step", "after_rebuild", "epoch_end", "eval_start", "eval_end", "fit_end")
 REBUILD_EVENTS = ("epoch_start", "step_start", "after_step", "epoch_end")
+STEP_EVENTS = ("step_start", "batch_start", "before_forward", "after_forward", "after_loss", "after_step")
 ORDER_DATA, ORDER_TOKENS, ORDER_ATTENTION, ORDER_DEPTH, ORDER_OTHER = 100, 200, 300, 400, 500
 
 

@@ -21,13 +21,14 @@ import torch
 from dsvit import config as C
 from dsvit.engine import build as B
 from dsvit.engine import checkpoint as ckpt
+from dsvit.engine import host_sync
 from dsvit.engine import optimizer_state as opt_state
 from dsvit.engine import rebuild as rb
 from dsvit.engine import resume
 from dsvit.engine.ema import WeightEMA
 from dsvit.engine.evaluate import evaluate_model
 from dsvit.engine.meter import log_data_counters
-from dsvit.engine.plugin import REBUILD_EVENTS, Batch
+from dsvit.engine.plugin import REBUILD_EVENTS, STEP_EVENTS, Batch
 from dsvit.engine.setup import (World, build_engine, clear_stale_zero3_grads, lr_schedule,
                                 seed_everything, soft_targets)
 
@@ -89,11 +90,16 @@ class Trainer:
     # ------------------------------------------------------------ events and rebuilds
     def _fire(self, event: str) -> None:
         s = self.state
-        self.plugins.fire(event, s)
+        if event in STEP_EVENTS:      # inside a step: no host sync (tests/test_host_sync.py)
+            self.plugins.fire(event, s)
+        else:
+            with host_sync.allowed(f"event {event}"):
+                self.plugins.fire(event, s)
         if event in REBUILD_EVENTS and s.rebuild_request is not None:
             request, s.rebuild_request = s.rebuild_request, None
             self.rebuild(request)
 
+    @host_sync.allows("engine rebuild")
     def rebuild(self, request: rb.RebuildRequest) -> rb.Derived:
         """Rebuild the engine around the model ``request`` declares, between two optimizer steps."""
         self.observer.rebuilding(self, request)
@@ -102,6 +108,7 @@ class Trainer:
         return derived
 
     # ------------------------------------------------------------ checkpoints
+    @host_sync.allows("checkpoint")
     def save_checkpoint(self) -> Path:
         t0, s = time.perf_counter(), self.state
         replicated = self.plugins.state_dict()
@@ -171,7 +178,8 @@ class Trainer:
         self._fire("step_start")
         for _ in range(self.cfg.train.grad_accum):
             t0 = time.perf_counter()
-            images, labels, uids = next_batch()
+            with host_sync.allowed("the data iterator (host data)"):
+                images, labels, uids = next_batch()
             wait = time.perf_counter() - t0
             self.meter.micro_batch(self.train_micro_batch(self._batch(images, labels, uids)), wait,
                                    self.stage.mean_block_tokens, self.stage.block_macs)
@@ -184,6 +192,7 @@ class Trainer:
             self.ema.update()
         self._fire("after_step")
 
+    @host_sync.allows("logging interval")
     def log_interval(self) -> None:
         s = self.state
         self.meter.log(self.logger, s.step, self.optimizer.param_groups[0]["lr"],
@@ -229,7 +238,8 @@ class Trainer:
             epoch_done = s.step_in_epoch >= s.steps_per_epoch
             if epoch_done:
                 self._fire("epoch_end")
-                log_data_counters(self.train_data, self.logger, self.device, s.epoch)
+                with host_sync.allowed("epoch end"):
+                    log_data_counters(self.train_data, self.logger, self.device, s.epoch)
             last = s.step >= self.total_steps
             if (epoch_done and (s.epoch + 1) % t.eval_every_epochs == 0) or last:
                 metrics = self.evaluate()
@@ -252,6 +262,7 @@ class Trainer:
         return every > 0 and self.state.step % every == 0
 
     # ------------------------------------------------------------ evaluation
+    @host_sync.allows("evaluation")
     def evaluate(self, use_ema: Optional[bool] = None) -> dict:
         t0, s = time.perf_counter(), self.state
         use_ema = self.ema is not None if use_ema is None else use_ema

@@ -156,10 +156,12 @@ def token_expansion(x: torch.Tensor, num_prefix: int, seeds: torch.Tensor, chunk
     b, n, _ = x.shape
     p = n - num_prefix
     prefix, xp = x[:, :num_prefix], x[:, num_prefix:].contiguous()   # one copy, not one per gather
-    mask = torch.ones(p, dtype=torch.bool, device=x.device)
-    mask[seeds] = False
+    mask = torch.ones(p, dtype=torch.int8, device=x.device)
+    mask[seeds] = 0
     sel = seeds.expand(b, -1)
-    uns = torch.arange(p, device=x.device)[mask].expand(b, -1)
+    # the unselected patches, ascending: a stable sort puts them first, and their count is known
+    # from the shapes (a boolean index would be a nonzero, i.e. a host sync on every forward)
+    uns = torch.sort(mask, descending=True, stable=True).indices[:p - seeds.numel()].expand(b, -1)
     xn = F.normalize(xp.detach().float(), dim=-1, eps=1e-6)
     sel, uns = expand(xn, sel, uns, chunks)
     y, host = merge(xp, xn, sel, uns)

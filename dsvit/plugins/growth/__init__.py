@@ -44,6 +44,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dsvit.engine import host_sync
 from dsvit.engine.compose import Footprint
 from dsvit.engine.plugin import ORDER_DEPTH, Plugin
 from dsvit.engine.rebuild import RebuildRequest
@@ -168,7 +169,8 @@ class ProgressiveGrowth(Plugin):
     def on_step_start(self, state) -> None:
         step, c = state.step, self.cfg
         if self.search is not None and step == self.search.end:
-            self._finish_search(state)
+            with host_sync.allowed("AutoProg decision (once per search)"):
+                self._finish_search(state)
         else:
             s = S.stage_of(step, self.starts)
             begins = step == self.table[s].start and not any(d["step"] == step for d in self.decisions)
@@ -276,7 +278,8 @@ class ProgressiveGrowth(Plugin):
     def on_batch_start(self, state) -> None:
         b, srch = state.batch, self.search
         if srch is not None and len(srch.batches) < self.cfg.search_batches:
-            srch.batches.append((b.images.detach().cpu().clone(), b.targets.detach().cpu().clone()))
+            # kept on the device (a copy to the host would sync every step of the window)
+            srch.batches.append((b.images.detach().clone(), b.targets.detach().clone()))
         if self.step_res and self.step_res != b.images.shape[-1]:
             b.images = F.interpolate(b.images, size=(self.step_res, self.step_res), mode="bilinear",
                                      align_corners=False)
@@ -287,11 +290,13 @@ class ProgressiveGrowth(Plugin):
         if srch is not None:
             scorer = self.copies.model(c.score_with)
             if c.cost == "time" and srch.times is None and len(srch.batches) >= c.search_batches:
-                srch.times = measure_times(scorer, state.token_stage, srch, c.time_iters, c.time_warmup,
-                                           c.quirk_smallest_base, self.table[-1].drop_path)
+                with host_sync.allowed("AutoProg timing (once per search)"):
+                    srch.times = measure_times(scorer, state.token_stage, srch, c.time_iters, c.time_warmup,
+                                               c.quirk_smallest_base, self.table[-1].drop_path)
             if state.step in srch.points:
-                srch.losses.append(measure_losses(scorer, state.token_stage, srch, c.quirk_smallest_base,
-                                                  self.table[-1].drop_path, seed=state.step))
+                with host_sync.allowed("AutoProg scoring (a few points per search)"):
+                    srch.losses.append(measure_losses(scorer, state.token_stage, srch, c.quirk_smallest_base,
+                                                      self.table[-1].drop_path, seed=state.step))
         log = state.logger
         if log is not None:
             log.scalar("growth/depth", self.step_depth)
@@ -350,7 +355,9 @@ class ProgressiveGrowth(Plugin):
         self._loaded_copies = state["copies"]
 
     def rank_state_dict(self) -> dict:
-        return {"batches": list(self.search.batches)} if self.search is not None else {}
+        if self.search is None:
+            return {}
+        return {"batches": [(x.cpu(), y.cpu()) for x, y in self.search.batches]}
 
     def load_rank_state_dict(self, state: dict) -> None:
         if self.search is not None:
