@@ -69,6 +69,8 @@ def _release_shm_buffer_name(rank: int) -> None:
 
 def cmd_train(args) -> int:
     cfg = C.load_config(args.config, args.overrides)
+    if cfg.run.deterministic:   # read by cuBLAS when CUDA starts: before anything touches the GPU
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     world = init_distributed(args)
     C.validate(cfg, world.world_size)
     from dsvit.engine import failure

@@ -32,8 +32,13 @@ DS_CONFIG_DIR = PACKAGE_DIR.parent / "ds_configs"
 class RunConfig:
     dir: str = "runs/default"        # run directory: logs, resolved config, checkpoints
     seed: int = 0
-    ds_config: str = "zero0"         # name in ds_configs/ or a path to a DeepSpeed JSON
-    precision: str = "auto"          # auto (as the DeepSpeed JSON says) | fp32 | bf16 | fp16
+    # name in ds_configs/, a path to a DeepSpeed JSON, or auto: zero1-bf16 on a GPU with bf16,
+    # zero0 elsewhere (dsvit.engine.setup.resolve_run; the resolved name is what config.yaml records)
+    ds_config: str = "auto"
+    # auto: as the DeepSpeed JSON says, else bf16 on a GPU that has it, else fp32 | fp32 | bf16 | fp16
+    precision: str = "auto"
+    tf32: bool = True                # TF32 tensor cores for fp32 matmuls/convolutions on NVIDIA GPUs
+    deterministic: bool = False      # deterministic algorithms (GPU: cuBLAS workspace; slower)
     zero_stage: int = -1             # -1: as the DeepSpeed JSON says; else override 0..3
     max_steps: int = -1              # stop after this many optimizer steps (-1: train.epochs)
     overwrite: bool = False          # a fresh run in a folder holding another run moves it aside
@@ -287,7 +292,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     """Check values once at start; raise ConfigError saying what to change."""
     t, r = cfg.train, cfg.run
     check_model_name(cfg.model.name)
-    ds_config_path(r.ds_config)
+    if r.ds_config != "auto":
+        ds_config_path(r.ds_config)
     positive = {"train.lr": t.lr, "train.epochs": t.epochs, "train.batch_size": t.batch_size,
                 "train.grad_accum": t.grad_accum, "train.eval_batch_size": t.eval_batch_size,
                 "model.img_size": cfg.model.img_size, "log.every_steps": cfg.log.every_steps,

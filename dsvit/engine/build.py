@@ -26,7 +26,8 @@ from dsvit.engine.logging import RunLogger, log
 from dsvit.engine.meter import StepMeter
 from dsvit.engine.plugin import State
 from dsvit.engine.plugin_set import PluginSet
-from dsvit.engine.setup import complete_ds_config, model_dtype, seed_everything
+from dsvit.engine.setup import (complete_ds_config, model_dtype, resolve_run, seed_everything,
+                                use_device_numerics)
 from dsvit.model.vit import build_model, create_vit
 
 
@@ -38,6 +39,9 @@ def build(t, cfg: C.Config, world, plugins: list, train_data=None, eval_data=Non
     t.device = torch.device(t.accel.device_name(world.local_rank))
     if t.device.type == "cuda":
         torch.cuda.set_device(t.device)
+    # ds_config/precision "auto" made concrete for this device, once: config.yaml records them
+    cfg = dataclasses.replace(cfg, run=resolve_run(cfg.run, t.device))
+    use_device_numerics(cfg.run, t.device)
     seed_everything(cfg.run.seed + world.rank)
 
     if train_data is None:

@@ -2,6 +2,8 @@
 and LR schedule (rebuilt with every engine), soft targets."""
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +27,39 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def gpu_has_bf16(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def resolve_run(run: C.RunConfig, device: torch.device) -> C.RunConfig:
+    """``run`` with ``ds_config=auto`` and ``precision=auto`` made concrete for ``device``.
+
+    On a GPU with bf16 the default is ``zero1-bf16``: bf16 weights and activations, fp32 masters
+    and Adam state sharded over the ranks, gradients reduced in 50M-element buckets. ZeRO-0 with
+    bf16 runs DeepSpeed's unfused bf16 optimizer instead (every gradient flattened, norms read on the
+    host each step). Elsewhere (CPU) ``zero0`` in fp32: the exactness tests keep their meaning."""
+    bf16 = gpu_has_bf16(device)
+    name = run.ds_config if run.ds_config != "auto" else ("zero1-bf16" if bf16 else "zero0")
+    precision = run.precision
+    if precision == "auto":
+        with open(C.ds_config_path(name)) as f:
+            ds = json.load(f)
+        precision = ("bf16" if ds.get("bf16", {}).get("enabled") else
+                     "fp16" if ds.get("fp16", {}).get("enabled") else "bf16" if bf16 else "fp32")
+    return dataclasses.replace(run, ds_config=name, precision=precision)
+
+
+def use_device_numerics(run: C.RunConfig, device: torch.device) -> None:
+    """TF32 for fp32 matmuls on NVIDIA GPUs (``run.tf32``); deterministic algorithms on request
+    (``run.deterministic``: torch raises on an op without a deterministic implementation; on CUDA
+    the cuBLAS workspace variable is set by the command line before CUDA starts)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = run.tf32
+        torch.backends.cudnn.allow_tf32 = run.tf32
+        torch.backends.cudnn.benchmark = not run.deterministic
+    torch.use_deterministic_algorithms(run.deterministic)
 
 
 def complete_ds_config(cfg: C.Config, world_size: int) -> dict:
