@@ -39,6 +39,7 @@ class RunConfig:
     precision: str = "auto"
     tf32: bool = True                # TF32 tensor cores for fp32 matmuls/convolutions on NVIDIA GPUs
     deterministic: bool = False      # deterministic algorithms (GPU: cuBLAS workspace; slower)
+    compile: bool = False            # torch.compile each block, dynamic shapes (model.vit.compile_blocks)
     zero_stage: int = -1             # -1: as the DeepSpeed JSON says; else override 0..3
     max_steps: int = -1              # stop after this many optimizer steps (-1: train.epochs)
     overwrite: bool = False          # a fresh run in a folder holding another run moves it aside

@@ -28,7 +28,7 @@ from dsvit.engine.plugin import State
 from dsvit.engine.plugin_set import PluginSet
 from dsvit.engine.setup import (complete_ds_config, model_dtype, resolve_run, seed_everything,
                                 use_device_numerics)
-from dsvit.model.vit import build_model, create_vit
+from dsvit.model.vit import build_model, compile_blocks, create_vit
 
 
 def build(t, cfg: C.Config, world, plugins: list, train_data=None, eval_data=None,
@@ -80,6 +80,8 @@ def build(t, cfg: C.Config, world, plugins: list, train_data=None, eval_data=Non
 
     torch.manual_seed(cfg.run.seed)   # identical initial weights on every rank
     model, t.stage = build_model(t.model_cfg, num_classes)
+    if cfg.run.compile:
+        compile_blocks(model)
     seed_everything(cfg.run.seed + world.rank)
     t.engine, t.optimizer, t.lr_schedule = t.new_engine(model)
     t.ema = None

@@ -36,7 +36,7 @@ import torch
 
 from dsvit.engine import optimizer_state as opt_state
 from dsvit.model import surgery
-from dsvit.model.vit import build_plain
+from dsvit.model.vit import build_plain, compile_blocks
 
 POLICIES = {"optimizer_state": ("carry", "reset"), "new_param_state": ("copy", "zero"),
             "step": ("carry", "reset")}
@@ -185,6 +185,8 @@ def rebuild_engine(trainer, request: RebuildRequest) -> Derived:
     trainer.arch, trainer.model_cfg = arch, model_cfg
     model.load_state_dict(weights)
     model.set_grad_checkpointing(model_cfg.grad_checkpointing)
+    if trainer.cfg.run.compile:
+        compile_blocks(model)
     trainer.stage.attach(model)
     trainer.stage.remap_blocks(request.block_map)
     trainer.engine, trainer.optimizer, trainer.lr_schedule = trainer.new_engine(model)
@@ -207,6 +209,7 @@ def rebuild_engine(trainer, request: RebuildRequest) -> Derived:
     trainer.meter.pause(clock.total)
     trainer.logger.scalar("engine/rebuild_s", clock.total)
     trainer.logger.scalar("engine/host_rss_mib", host_rss_mib())
+    trainer.logger.scalar("engine/device_mem_mib", trainer.accel.memory_allocated() / 2**20)   # CPU: RSS
     trainer.logger.scalar("model/depth", len(model.blocks))
     trainer.logger.info("rebuilt the engine for '%s' (%s) at step %d in %.2f s (%s): %d blocks, "
                         "optimizer state %s", request.requested_by, request.reason or "no reason given",

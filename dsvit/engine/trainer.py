@@ -148,7 +148,8 @@ class Trainer:
 
     # ------------------------------------------------------------ training
     def _batch(self, images, labels, uids) -> Batch:
-        images = images.to(self.device, non_blocking=True)
+        from dsvit.data.device import finish_on_device   # the shard loader's uint8: normalised and erased on the device
+        images = finish_on_device(images, self.device)
         labels = labels.to(self.device, non_blocking=True)
         targets = soft_targets(labels, self.num_classes, self.cfg.train.label_smoothing)
         if self.mixup is not None:
@@ -195,6 +196,9 @@ class Trainer:
     @host_sync.allows("logging interval")
     def log_interval(self) -> None:
         s = self.state
+        if self.cfg.run.compile:   # graphs compiled so far: recompiles show as steps up
+            from torch._dynamo.utils import counters
+            self.logger.scalar("compile/graphs", counters["stats"]["unique_graphs"])
         self.meter.log(self.logger, s.step, self.optimizer.param_groups[0]["lr"],
                        s.epoch + s.step_in_epoch / s.steps_per_epoch,
                        time.perf_counter() - self.fit_start_time)

@@ -40,6 +40,17 @@ def build_model(cfg: ModelConfig, num_classes: int) -> tuple[torch.nn.Module, To
     return model, stage
 
 
+def compile_blocks(model: torch.nn.Module) -> None:
+    """``torch.compile`` every block in place, with dynamic shapes: the token counts the plugins
+    produce change with their schedules (ToE stages, growth's input sizes, the token level's
+    annealing), and symbolic sequence lengths keep the recompiles to a few per block instead of one
+    per count. The token stage's Python loop and its hooks stay eager (they are between blocks).
+    Measured on CPU (inductor, default model): 1.00x per step after a 10 s compile, so off by
+    default; on GPUs the fused element-wise ops are where it can pay (not measured yet)."""
+    for blk in model.blocks:
+        blk.compile(dynamic=True)
+
+
 def num_patches(model: torch.nn.Module) -> int:
     return int(model.patch_embed.num_patches)
 
