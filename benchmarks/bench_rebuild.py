@@ -53,7 +53,7 @@ def main() -> int:
                  f"model.img_size={args.img}", f"model.depth={args.depth}", f"model.embed_dim={args.width}",
                  f"model.num_heads={args.heads}", f"model.patch_size={args.patch}", "model.num_classes=10",
                  f"train.batch_size={2 * world.world_size}", f"train.eval_batch_size={2 * world.world_size}",
-                 "train.epochs=100", "log.tensorboard=false", "log.progress=false"]
+                 "train.epochs=100", "data.streams=1", "log.tensorboard=false", "log.progress=false"]
     cfg = C.load_config("default", overrides)
     C.validate(cfg, world.world_size)
     images, labels = random_dataset(8 * world.world_size, args.img, 10, seed=1)

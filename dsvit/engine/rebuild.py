@@ -125,10 +125,15 @@ def release(engine) -> None:
     Besides ``engine.destroy()``: DeepSpeed 0.19.8's ZeRO-3 puts the top module on the module-level
     ``parameter_offload.FWD_MODULE_STACK`` when it sets up parameter offload and never takes it off,
     so the first engine stays reachable (module -> forward hooks -> engine -> optimizer); found by
-    walking ``gc.get_referrers`` from an old engine. This is not the whole ZeRO-3 story: with it,
-    every ZeRO-3 rebuild still leaves its old model alive (host RSS after 10 rebuilds of ViT-S/16
-    is 2.5x that after the first, ``benchmarks/bench_rebuild.py --zero 3``; ZeRO-2: 1.002x)
-    and the remaining holder was not found (DeepSpeed issue 7204 reports the same growth)."""
+    walking ``gc.get_referrers`` from an old engine. This is not the whole ZeRO-3 story: host RSS
+    still grows by about 420 MiB per ViT-S/16 rebuild (2.15x after 8 rebuilds,
+    ``benchmarks/bench_rebuild.py --zero 3 --rebuilds 8``, 2026-12-05; ZeRO-2: 1.002x). Narrowed
+    down (2026-12-05, weakrefs and ``gc`` on a 4-block ViT-S): the old engine, its optimizer and the
+    old module *are* freed; what stays are two flat fp32 buffers of the model's size per rebuild (the
+    stage-3 optimizer's flat partition and its gradient, 7.4M elements each there), which no Python
+    object refers to (no path from any module's globals): they are held from C++, by a hook or the
+    communication backend, not found further. DeepSpeed issue 7204 reports the same growth. Bound
+    it by rebuilding rarely under ZeRO-3 (growth rebuilds 3-4 times a run), or use ZeRO-1/2."""
     module = engine.module
     engine.destroy()
     try:
