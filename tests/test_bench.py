@@ -1,6 +1,8 @@
 """`dsvit bench`: the scheduling policy, the timing arithmetic of the report, the spec's checks, and
 the interleaver on real (tiny) processes, interrupted and resumed."""
+import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -10,7 +12,7 @@ import pytest
 
 from dsvit.bench import report as R
 from dsvit.bench import spec as S
-from dsvit.bench.scheduler import Interleaver, RunRecord, pick_active
+from dsvit.bench.scheduler import Interleaver, RunRecord, default_slots, pick_active
 from dsvit.errors import ConfigError
 
 
@@ -20,6 +22,21 @@ def test_pick_active_takes_least_active_unfinished_runs_in_spec_order_on_ties():
     assert pick_active(recs, 2) == ["b", "e"]
     assert pick_active(recs, 3) == ["b", "e", "d"]
     assert pick_active([RunRecord("x", "failed")], 1) == []
+
+
+def test_slots_default_to_one_run_per_gpu_on_a_gpu_machine_else_one_per_core():
+    assert default_slots("cuda", 1, 16) == 1          # not 16 runs sharing one GPU
+    assert default_slots("cuda", 8, 16) == 8
+    assert default_slots("cpu", 1, 16) == 16          # DS_ACCELERATOR=cpu: the runs train on the cores
+    assert default_slots("cuda", 0, 4) == 1
+    from deepspeed.accelerator import get_accelerator
+    from dsvit.bench import cli as B
+    if get_accelerator().device_name() == "cpu":
+        assert B._default_slots() == len(os.sched_getaffinity(0))
+    sub = argparse.ArgumentParser().add_subparsers(dest="command")
+    B.add_bench_parser(sub)
+    args = sub.choices["bench"].parse_args(["run", "spec.yaml", "--dir", "d"])
+    assert args.slots is None                         # resolved by cmd_run, from the accelerator
 
 
 def test_overlap_and_active_time():

@@ -87,9 +87,30 @@ def test_no_mfu_on_cpu(result, tmp_path):
 
 
 def test_known_peaks_and_arguments():
-    assert T.PEAK_BF16_TFLOPS["H200"] == T.PEAK_BF16_TFLOPS["H100"] == 989.0
-    assert T.PEAK_BF16_TFLOPS["A100"] == 312.0
+    assert T.peak_for("NVIDIA H200") == T.peak_for("NVIDIA H100 80GB HBM3") == 989.0   # SXM parts
+    assert T.peak_for("NVIDIA H100 PCIe") == 756.0 and T.peak_for("NVIDIA H100 NVL") == 835.0
+    assert T.peak_for("NVIDIA A100-SXM4-80GB") == T.peak_for("NVIDIA A100 80GB PCIe") == 312.0
+    # exact names only: a name that merely contains a known one is not guessed
+    assert T.peak_for("NVIDIA H100") is None and T.peak_for("NVIDIA H100 PCIe 2") is None
     args = T.parse_args(["--device", "cpu", "--methods", "baseline,toe", "stack"])
     assert args.methods == ["baseline", "toe", "stack"] and args.dtype == "fp32"
     with pytest.raises(SystemExit):
         T.parse_args(["--device", "cpu", "--methods", "nope"])
+    with pytest.raises(SystemExit, match="--peak-tflops must be > 0"):
+        T.parse_args(["--device", "cpu", "--peak-tflops", "0"])
+
+
+@pytest.mark.parametrize("name,dtype,given,peak,says", [
+    ("NVIDIA H100 PCIe", "bf16", None, 756.0, "table entry 'NVIDIA H100 PCIe'"),
+    ("NVIDIA H100 NVL", "bf16", None, 835.0, "table entry 'NVIDIA H100 NVL'"),
+    ("NVIDIA H200", "bf16", 700.0, 700.0, "from --peak-tflops"),
+    ("NVIDIA H200", "fp32", None, None, "pass --peak-tflops"),
+    ("NVIDIA H100 PCIe", "fp32", 51.0, 51.0, "from --peak-tflops"),
+    ("Some Future GPU", "bf16", None, None, "not in the peak table; pass --peak-tflops"),
+])
+def test_peak_by_exact_device_name_or_the_flag(monkeypatch, capsys, name, dtype, given, peak, says):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    line, got = T.device_info(torch.device("cuda"), dtype, given)
+    assert got == peak and line.startswith(f"{name}, torch") and says in line
+    if peak is None and dtype == "bf16":   # an unknown device is said once on stderr too
+        assert says in capsys.readouterr().err

@@ -24,8 +24,9 @@ def add_bench_parser(sub) -> None:
     r = bs.add_parser("run", help="train every variant x seed of SPEC interleaved, then report")
     r.add_argument("spec")
     r.add_argument("--dir", required=True, help="benchmark folder (runs, logs, bench.json, report)")
-    r.add_argument("--slots", type=int, default=len(os.sched_getaffinity(0)),
-                   help="runs going at once, one core each (default: the cores this process may use)")
+    r.add_argument("--slots", type=int, default=None,
+                   help="runs going at once (default: one per GPU on a GPU machine, as DeepSpeed's "
+                        "accelerator sees it; else one per core this process may use)")
     r.add_argument("--quantum", type=float, default=60.0, help="seconds between switches")
     r.add_argument("--only", default="", help="comma-separated variants to run (default: all)")
     r.add_argument("--results", default="", help="also write the table into this markdown file")
@@ -63,6 +64,8 @@ def cmd_run(args) -> int:
     folder = Path(args.dir).resolve()
     spec = _spec(folder, args)
     runs = {r.name: r for r in spec.runs}
+    if args.slots is None:
+        args.slots = _default_slots()
 
     def command(name: str) -> list:
         r = runs[name]
@@ -82,6 +85,14 @@ def cmd_run(args) -> int:
         print(f"bench: failed runs {failed}: see {folder / 'logs'}", file=sys.stderr)
         return 1
     return 0
+
+
+def _default_slots() -> int:
+    """One run per accelerator DeepSpeed would train on (DS_ACCELERATOR=cpu: one per core)."""
+    from deepspeed.accelerator import get_accelerator
+    from dsvit.bench.scheduler import default_slots
+    acc = get_accelerator()
+    return default_slots(acc.device_name(), acc.device_count(), len(os.sched_getaffinity(0)))
 
 
 def _build_deepspeed_ops() -> None:

@@ -48,6 +48,12 @@ def pick_active(records: list[RunRecord], slots: int) -> list[str]:
     return [name for _, _, name in sorted(todo)[:slots]]
 
 
+def default_slots(device_type: str, device_count: int, cores: int) -> int:
+    """Runs going at once unless ``--slots`` says: one per accelerator where the runs train on
+    accelerators (a run wants a whole device: 16 runs on one GPU would share it), else one per core."""
+    return max(1, device_count if device_type != "cpu" else cores)
+
+
 def process_group_pids(pgid: int) -> list[int]:
     pids = []
     for entry in os.scandir("/proc"):

@@ -29,9 +29,11 @@ share-weighted mean step time, the per-step speed-up a full run would see.
 
 On CUDA (``--dtype bf16`` by default: autocast, fp32 weights and AdamW; DeepSpeed's bf16 mode keeps bf16
 weights, so this is close to, not the same as, a run) the table also gives model FLOPs utilisation =
-3 x 2 x MACs x images/s / peak, peak from a small table of bf16 dense peaks (H100/H200 SXM 989 TFLOP/s,
-A100 312) or ``--peak-tflops``; otherwise MFU is left out. The device name, torch and timm versions and
-the dtype head the table. The CUDA path has not been run on dsvit's development box (no GPU there).
+3 x 2 x MACs x images/s / peak. The peak is ``--peak-tflops`` if given (any dtype), else, for bf16, the
+dense bf16 peak of the device's exact name in ``PEAK_BF16_TFLOPS`` (NVIDIA's datasheets: an H100 PCIe
+or NVL is not an SXM part); a name not in the table gets no MFU and a note asking for
+``--peak-tflops``. The device name, the peak and where it came from, torch and timm versions and the
+dtype head the table. The CUDA path has not been run on dsvit's development box (no GPU there).
 
 What it does not do: train to convergence or say anything about accuracy (``dsvit bench run`` does);
 the token level is timed at its final rate (its warm-up and anneal over the first ~37 % of a run are
@@ -52,7 +54,27 @@ import torch.nn.functional as F
 
 MODELS = ("vit_small_patch16_224", "vit_base_patch16_224")
 METHODS = ("baseline", "toe", "pss", "token_pruning", "growth", "stack")
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}   # dense, SXM
+# Dense bf16 tensor-core peaks in TFLOP/s by the exact name torch.cuda.get_device_name (= nvidia-smi)
+# reports: NVIDIA's datasheet figures, halved where the sheet quotes them with 2:4 sparsity. Matched
+# exactly, never by substring: "NVIDIA H100 PCIe" is not an H100 SXM ("NVIDIA H100 80GB HBM3").
+PEAK_BF16_TFLOPS = {
+    "NVIDIA B200": 2250.0,
+    "NVIDIA H200": 989.0,                  # SXM
+    "NVIDIA H200 NVL": 835.0,
+    "NVIDIA GH200 480GB": 989.0,
+    "NVIDIA H100 80GB HBM3": 989.0,        # SXM5
+    "NVIDIA H100 NVL": 835.0,
+    "NVIDIA H100 PCIe": 756.0,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0,
+    "NVIDIA L40S": 362.0,
+    "NVIDIA L40": 181.0,
+    "NVIDIA A40": 150.0,
+    "NVIDIA A10": 125.0,
+    "NVIDIA L4": 121.0,
+}
 
 
 class Key(NamedTuple):
@@ -197,15 +219,29 @@ class Runner:
         return dt, stage.mean_block_tokens, stage.block_macs + fixed
 
 
+def peak_for(name: str) -> float | None:
+    """The dense bf16 peak of a device by its exact name (surrounding spaces ignored), or None."""
+    return PEAK_BF16_TFLOPS.get(name.strip())
+
+
 def device_info(device, dtype: str, peak_tflops: float | None) -> tuple[str, float | None]:
+    """(the line heading each table, the peak in TFLOP/s for MFU or None). On CPU there is no MFU."""
+    import sys
     import timm
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        if peak_tflops is None and dtype == "bf16":
-            peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    versions = f"torch {torch.__version__}, timm {timm.__version__}, {dtype}"
+    if device.type != "cuda":
+        return f"cpu ({torch.get_num_threads()} threads), {versions}", None
+    name = torch.cuda.get_device_name(device)
+    if peak_tflops is not None:
+        source = f"peak {peak_tflops:g} TFLOP/s from --peak-tflops"
+    elif dtype != "bf16":
+        source = "no MFU: the peak table is for bf16; pass --peak-tflops for the device's fp32/TF32 peak"
+    elif (peak_tflops := peak_for(name)) is not None:
+        source = f"peak {peak_tflops:g} TFLOP/s (dense bf16, table entry '{name}')"
     else:
-        name, peak_tflops = f"cpu ({torch.get_num_threads()} threads)", None   # no MFU on CPU
-    return f"{name}, torch {torch.__version__}, timm {timm.__version__}, {dtype}", peak_tflops
+        source = f"no MFU: '{name}' is not in the peak table; pass --peak-tflops F (its dense bf16 peak)"
+        print(f"throughput: {source}", file=sys.stderr)
+    return f"{name}, {versions}; {source}", peak_tflops
 
 
 def measure(model_name: str, args, device, peak_tflops) -> dict:
@@ -284,7 +320,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--rounds", type=int, default=10 if cuda else 3, help="timed rounds (after one warm-up)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if cuda else "cpu")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: bf16 on cuda, else fp32")
-    ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known devices)")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="device peak in TFLOP/s for MFU (default: the bf16 table, by exact device name)")
     ap.add_argument("--recipe", default="stack", help="recipe whose plugins section sets the methods")
     ap.add_argument("--out", default="", help="append the markdown table(s) to this file")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -305,6 +342,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise SystemExit("throughput: --device cuda but torch sees no GPU")
     if args.rounds < 1 or args.batch < 1:
         raise SystemExit("throughput: --rounds and --batch must be >= 1")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        raise SystemExit(f"throughput: --peak-tflops must be > 0 (the device's dense peak in TFLOP/s), "
+                         f"got {args.peak_tflops}")
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     return args
 
