@@ -45,8 +45,8 @@ def main():
         cfg = DataConfig(**{k: v for k, v in kw.items() if k in fields})
         td = P.TrainData(cfg, info, img_size=32, rank=0, world_size=1, local_batch=args.batch, seed=0)
         t0, n = time.perf_counter(), 0
-        for images, _, _ in td.epoch_batches(0):
-            n += images.shape[0]
+        for _, labels, _ in td.epoch_batches(0):
+            n += len(labels)
         dt = time.perf_counter() - t0
         read = sum(int(x) for x in re.findall(r"(\d+) bytes", log.read_text()))
         print(f"workers {w}: {n} samples in {dt:.1f} s ({n / dt:.0f} img/s), read {read / 2**20:.1f} MiB of "

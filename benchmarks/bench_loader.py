@@ -22,8 +22,9 @@ from PIL import Image
 
 from dsvit.config import DataConfig
 from dsvit.data import pipeline as P
+from dsvit.data.device import HostImages, erase_boxes
 from dsvit.data.stream import SampleDecoder, stream_samples
-from dsvit.data.transforms import fix_posterize, seed_rngs, stack_images
+from dsvit.data.transforms import build_eraser, build_train_transform, fix_posterize, seed_rngs, stack_images, torch_seed
 
 TARBALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
@@ -45,19 +46,21 @@ def measure(batches, limit):
         if i == 0:
             t0 = time.perf_counter()
             continue
-        n += b[0].shape[0]
+        n += len(b[1])
         if i >= limit:
             break
     return n / (time.perf_counter() - t0)
 
 
 def breakdown_shards(td, n):
-    """Per-image microseconds for read (tar + shuffle buffer), decode, seed, each augmentation stage
-    and collate (stack, normalise, erase); one process, the pipeline's batch-wise order."""
+    """Per-image microseconds for read (tar + shuffle buffer), decode, seed, each augmentation stage,
+    collate (stack uint8, in the workers) and finish (normalise, erase: on the device, here the CPU);
+    one process, the pipeline's batch-wise order."""
     import itertools
 
     plan = td._plan(0, 0)
-    ds = SampleDecoder(plan, td.transform, td.normalize)   # one stream's samples: enough to time
+    ds = SampleDecoder(plan, build_train_transform(td.cfg, td.img_size))   # one stream's samples: enough to time
+    eraser = build_eraser(td.cfg)
     stats = {"corrupt_skipped": 0, "filtered": 0}
     t = {"read": 0.0, "decode": 0.0, "seed": 0.0}
     t0 = time.perf_counter()
@@ -78,10 +81,14 @@ def breakdown_shards(td, n):
             t["seed"] += b - a
             t[name] = t.get(name, 0.0) + time.perf_counter() - b
         a = time.perf_counter()
-        images = td.normalize(stack_images(imgs))
+        images = stack_images(imgs)
         seed_rngs(0, 0, 0, g, len(ds.stages))
-        td.eraser(images)
-        t["collate"] = t.get("collate", 0.0) + time.perf_counter() - a
+        boxes = erase_boxes(eraser, len(imgs), *images.shape[-2:])
+        b = time.perf_counter()
+        erase = ((torch_seed(0, 0, 0, g, len(ds.stages)), boxes),) if boxes else ()
+        HostImages(images, td.cfg.mean, td.cfg.std, erase).to_device("cpu")
+        t["collate"] = t.get("collate", 0.0) + b - a
+        t["finish"] = t.get("finish", 0.0) + time.perf_counter() - b
     return {k: 1e6 * v / (n // td.batch * td.batch) for k, v in t.items()}
 
 

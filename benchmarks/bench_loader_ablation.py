@@ -25,7 +25,7 @@ from dsvit.config import DataConfig
 from dsvit.data import pipeline as P
 from dsvit.data.stream import SampleDecoder, stream_samples
 from dsvit.data.tar_reader import iter_shard
-from dsvit.data.transforms import fix_posterize, image_stages, seed_rngs
+from dsvit.data.transforms import build_train_transform, fix_posterize, image_stages, seed_rngs
 
 
 def _decode(sample):
@@ -80,7 +80,7 @@ def main():
     info = P.read_info(cfg.root)
     td = P.TrainData(cfg, info, img_size=32, rank=0, world_size=1, local_batch=128, seed=0)
     plan = td._plan(0, 0)
-    stream = SampleDecoder(plan, td.transform, None)   # one stream's samples: enough to time
+    stream = SampleDecoder(plan, build_train_transform(cfg, td.img_size))   # one stream's samples: enough to time
     raw = [(uid, s) for uid, _, _, s in itertools.islice(stream_samples(plan, *plan.streams[0]), 128 * args.batches)]
     batches = [raw[i:i + 128] for i in range(0, len(raw), 128)]
     from timm.data import create_transform

@@ -69,8 +69,8 @@ class DataConfig:
     val_split: str = "val"
     shards: str = ""                   # brace pattern/URLs overriding the _info.json shard list
     mode: str = "resampled"            # resampled | partitioned
-    workers: int = 2                   # loader processes per rank (each owns whole streams)
-    streams: int = 8                   # virtual data streams; a multiple of every world size used
+    workers: int = 2                   # decode processes per rank, any number (the rank's process reads the streams)
+    streams: int = 8                   # virtual data streams; a multiple of every world size used (README: why 8)
     shuffle_buffer: int = 1000
     steps_per_epoch: int = -1          # -1: derived from sample count / global batch
     corrupt: str = "skip"              # skip (and count) | raise

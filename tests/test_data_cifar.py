@@ -8,6 +8,7 @@ import torch
 
 from dsvit.data.cli import add_shards_parser
 from dsvit.data import pipeline as P
+from host_images import finished
 from data_helpers import cfg, collect
 
 TARBALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -49,7 +50,7 @@ def test_cifar_converts_verifies_and_streams(cifar_subset, tmp_path):
     uids = []
     for rank in (0, 1):
         td = P.TrainData(c, info, img_size=32, rank=rank, world_size=2, local_batch=40, seed=0)
-        x, y, u = collect(td.epoch_batches(0))
+        x, y, u = collect(finished(td.epoch_batches(0)))
         assert x.shape[1:] == (3, 32, 32) and torch.isfinite(x).all()
         uids += u.tolist()
     assert sorted(uids) == list(range(1600))

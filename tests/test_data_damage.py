@@ -9,6 +9,7 @@ import torch
 
 from dsvit.data import pipeline as P
 from dsvit.data.tar_reader import CorruptShardError, iter_shard
+from host_images import finished
 from data_helpers import collect, cut_samples, cfg, member_offsets, write_dataset
 
 COUNTERS = ("corrupt_skipped", "filtered", "short_shards", "short_shard_missing")
@@ -63,7 +64,7 @@ def test_shard_cut_at_member_boundary_raise_names_shard_counts_and_fix(root, how
     else:  # cut right before the 8th sample's first header: no end-of-archive blocks
         path.write_bytes(path.read_bytes()[:member_offsets(path)[3 * 7]])
     with pytest.raises(RuntimeError) as e:
-        list(train(root, corrupt="raise").epoch_batches(0))
+        list(finished(train(root, corrupt="raise").epoch_batches(0)))
     msg = str(e.value)
     assert "train-000003.tar holds 7 samples but _info.json lists 12" in msg
     assert "dsvit shards imagefolder|npz ... --overwrite" in msg and "data.corrupt=skip" in msg
@@ -74,7 +75,7 @@ def test_empty_shard_raise(root):
     shard(root, "train-000005.tar").write_bytes(b"")
     with pytest.raises(RuntimeError, match=r"train-000005.tar holds 0 samples but _info.json lists 12: "
                                            r"it is empty.*--overwrite.*data.corrupt=skip"):
-        list(train(root, corrupt="raise", mode="resampled", steps_per_epoch=40).epoch_batches(0))
+        list(finished(train(root, corrupt="raise", mode="resampled", steps_per_epoch=40).epoch_batches(0)))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -83,7 +84,7 @@ def test_short_shard_skip_counts_missing_keeps_epoch_length(root, workers, warni
     shard(root, "train-000005.tar").write_bytes(b"")
     td = train(root, workers=workers)
     assert td.batches_per_epoch == 12
-    _, _, u = collect(td.epoch_batches(0))
+    _, _, u = collect(finished(td.epoch_batches(0)))
     assert len(u) == 96 and len(set(u.tolist())) == 96 - 5 - 12  # the epoch is filled by re-reading
     assert td.counters() == dict(corrupt_skipped=0, filtered=0, short_shards=2, short_shard_missing=17)
     text = warnings_seen.text
@@ -106,17 +107,17 @@ def test_counters_per_epoch_worker_and_resume_independent(root, mode):
     keep[::4] = False
     full = train(root, mode=mode, shuffle_buffer=30, streams=4)
     full.set_keep_set(keep)
-    list(full.epoch_batches(1))
+    list(finished(full.epoch_batches(1)))
     want = full.counters()
     assert want["filtered"] > 0
     if mode == "partitioned":
         assert want["short_shards"] == 1 and want["short_shard_missing"] == 8
-    list(full.epoch_batches(1))
+    list(finished(full.epoch_batches(1)))
     assert full.counters() == want  # per epoch: a second epoch does not add to the first
     for workers, skip in ((2, 0), (3, 0), (0, 4), (2, 5)):
         td = train(root, mode=mode, shuffle_buffer=30, workers=workers, streams=4)
         td.set_keep_set(keep)
-        list(td.epoch_batches(1, skip_batches=skip))
+        list(finished(td.epoch_batches(1, skip_batches=skip)))
         got = td.counters()
         assert {k: got[k] for k in COUNTERS[1:]} == {k: want[k] for k in COUNTERS[1:]}, (workers, skip)
 
@@ -125,9 +126,9 @@ def test_partitioned_all_shards_empty_says_which_and_what_to_do(root):
     for i in range(8):
         shard(root, f"train-00000{i}.tar").write_bytes(b"")
     with pytest.raises(RuntimeError, match=r"data stream 0: none of its 8 shards delivers a sample.*holds 0 of 12.*--overwrite"):
-        list(train(root).epoch_batches(0))
+        list(finished(train(root).epoch_batches(0)))
     with pytest.raises(RuntimeError, match="none of its 8 shards delivers a sample"):  # no endless loop
-        list(train(root, mode="resampled").epoch_batches(0))
+        list(finished(train(root, mode="resampled").epoch_batches(0)))
 
 
 # ------------------------------------------------------------------ garbage and cut-off bytes
@@ -139,7 +140,7 @@ def test_random_bytes_shard_skip_counts_raise_names_shard_and_offset(root):
     assert td.counters()["short_shards"] == 1 and td.counters()["short_shard_missing"] == 12
     with pytest.raises(RuntimeError, match=r"train-000002.tar is unreadable after 0 of the 12 samples "
                                            r"_info.json lists \(no valid tar header .* at byte 0\).*--overwrite"):
-        list(train(root, corrupt="raise").epoch_batches(0))
+        list(finished(train(root, corrupt="raise").epoch_batches(0)))
 
 
 def test_garbage_header_mid_shard_reports_member_offset(root):
@@ -156,10 +157,10 @@ def test_garbage_header_mid_shard_reports_member_offset(root):
             keys.append(key)
     assert len(keys) == 4  # the samples before the damage
     td = train(root)
-    list(td.epoch_batches(0))
+    list(finished(td.epoch_batches(0)))
     assert td.counters()["short_shard_missing"] == 8
     with pytest.raises(RuntimeError, match=f"unreadable after 4 of the 12 samples .* at byte {at}"):
-        list(train(root, corrupt="raise").epoch_batches(0))
+        list(finished(train(root, corrupt="raise").epoch_batches(0)))
 
 
 def test_shard_cut_mid_member_counts_samples_not_events(root):
@@ -169,11 +170,11 @@ def test_shard_cut_mid_member_counts_samples_not_events(root):
     assert names[3 * 9 + 1].endswith(".png")
     path.write_bytes(path.read_bytes()[:offsets[3 * 9 + 1] + 700])  # inside sample 10's image
     td = train(root)
-    list(td.epoch_batches(0))
+    list(finished(td.epoch_batches(0)))
     # sample 10 comes with its .cls only: a corrupt sample; samples 11 and 12 are missing
     assert td.counters()["short_shard_missing"] == 2 and td.counters()["corrupt_skipped"] == 1
     with pytest.raises(RuntimeError, match=r"train-000004.tar is unreadable after 10 of the 12 samples.*cut off"):
-        list(train(root, corrupt="raise").epoch_batches(0))
+        list(finished(train(root, corrupt="raise").epoch_batches(0)))
 
 
 def test_corrupt_samples_counted_in_samples_per_epoch(tmp_path):
@@ -181,7 +182,7 @@ def test_corrupt_samples_counted_in_samples_per_epoch(tmp_path):
     smash_jpegs(shard(root, "train-000000.tar"), 3)
     td = train(root)
     for epoch in (0, 1):
-        x, _, _ = collect(td.epoch_batches(epoch))
+        x, _, _ = collect(finished(td.epoch_batches(epoch)))
         assert x.shape[0] == 24 and td.counters()["corrupt_skipped"] == 3  # not 6 after epoch 1
 
 

@@ -6,6 +6,7 @@ import torch
 
 from dsvit.data import pipeline as P
 from dsvit.data.stream import SampleDecoder
+from host_images import finished
 from data_helpers import cfg, collect, write_dataset
 
 
@@ -29,7 +30,7 @@ def test_partitioned_coverage_2_ranks_2_workers(even):
     for rank in (0, 1):
         td = train(even, rank=rank, world=2, workers=2)
         assert td.batches_per_epoch == 6
-        x, y, u = collect(td.epoch_batches(0))
+        x, y, u = collect(finished(td.epoch_batches(0)))
         assert x.shape == (48, 3, 16, 16) and x.dtype == torch.float32
         assert len(set(u.tolist())) == 48
         uids += u.tolist()
@@ -44,7 +45,7 @@ def test_eval_counts_every_sample_once(even):
         bs = list(ed.batches())
         nbatches.append(len(bs))
         for x, y, valid in bs:
-            assert x.shape[0] == 8 and valid.dtype == torch.bool
+            assert x.pixels.shape == (8, 3, 16, 16) and x.pixels.dtype == torch.uint8 and valid.dtype == torch.bool
             seen += y[valid].tolist()
     assert nbatches[0] == nbatches[1]
     assert len(seen) == 50 and np.bincount(seen).tolist() == [13, 13, 12, 12]
@@ -72,23 +73,23 @@ def test_equal_steps_uneven_shards(uneven, mode):
 
 @pytest.mark.parametrize("mode", ["partitioned", "resampled"])
 def test_determinism_and_worker_independence(even, mode):
-    a = collect(train(even, mode=mode, workers=0).epoch_batches(1))
-    b = collect(train(even, mode=mode, workers=2).epoch_batches(1))
-    c = collect(train(even, mode=mode, workers=3).epoch_batches(1))
+    a = collect(finished(train(even, mode=mode, workers=0).epoch_batches(1)))
+    b = collect(finished(train(even, mode=mode, workers=2).epoch_batches(1)))
+    c = collect(finished(train(even, mode=mode, workers=3).epoch_batches(1)))
     for t1, t2, t3 in zip(a, b, c):
         assert torch.equal(t1, t2) and torch.equal(t1, t3)
-    d = collect(train(even, mode=mode, workers=0).epoch_batches(2))
+    d = collect(finished(train(even, mode=mode, workers=0).epoch_batches(2)))
     assert not torch.equal(a[2], d[2])  # another epoch: another order
-    e = collect(train(even, mode=mode, workers=0, seed=1).epoch_batches(1))
+    e = collect(finished(train(even, mode=mode, workers=0, seed=1).epoch_batches(1)))
     assert not torch.equal(a[2], e[2])
 
 
 @pytest.mark.parametrize("mode", ["partitioned", "resampled"])
 def test_mid_epoch_skip_equals_fresh_tail(even, mode):
     kw = dict(mode=mode, auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25)
-    full = list(train(even, workers=0, **kw).epoch_batches(3))
+    full = list(finished(train(even, workers=0, **kw).epoch_batches(3)))
     for k, workers in ((0, 2), (5, 0), (7, 2), (len(full), 1)):
-        tail = list(train(even, workers=workers, **kw).epoch_batches(3, skip_batches=k))
+        tail = list(finished(train(even, workers=workers, **kw).epoch_batches(3, skip_batches=k)))
         assert len(tail) == len(full) - k
         for (x1, y1, u1), (x2, y2, u2) in zip(full[k:], tail):
             assert torch.equal(x1, x2) and torch.equal(y1, y2) and torch.equal(u1, u2)
@@ -97,10 +98,10 @@ def test_mid_epoch_skip_equals_fresh_tail(even, mode):
 @pytest.mark.parametrize("mode", ["partitioned", "resampled"])
 def test_planned_short_epoch_is_head_of_full_epoch(even, mode):
     kw = dict(mode=mode, auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25)
-    full = list(train(even, workers=0, **kw).epoch_batches(3))
+    full = list(finished(train(even, workers=0, **kw).epoch_batches(3)))
     assert len(full) == 12
     for n, k, workers in ((5, 0, 0), (5, 2, 2), (7, 7, 1), (1, 0, 2)):
-        part = list(train(even, workers=workers, **kw).epoch_batches(3, skip_batches=k, num_batches=n))
+        part = list(finished(train(even, workers=workers, **kw).epoch_batches(3, skip_batches=k, num_batches=n)))
         assert len(part) == n - k
         for (x1, y1, u1), (x2, y2, u2) in zip(full[k:n], part):
             assert torch.equal(x1, x2) and torch.equal(y1, y2) and torch.equal(u1, u2)
@@ -144,7 +145,7 @@ def test_keep_set_filters_before_decode(even, monkeypatch, mode):
     keep[::3] = True  # 32 kept
     td.set_keep_set(keep)
     assert td.batches_per_epoch == 4
-    _, _, u = collect(td.epoch_batches(0))
+    _, _, u = collect(finished(td.epoch_batches(0)))
     assert keep[u.numpy()].all() and keep[np.array(decoded)].all()
     if mode == "partitioned":
         assert sorted(u.tolist()) == list(range(0, 96, 3))
@@ -179,10 +180,10 @@ def test_corrupt_sample_skip_and_raise(tmp_path):
     data[at + 20:at + 400] = b"\x00" * 380
     shard.write_bytes(bytes(data))
     td = train(root, batch=8, workers=0, streams=1)
-    x, y, u = collect(td.epoch_batches(0))
+    x, y, u = collect(finished(td.epoch_batches(0)))
     assert x.shape[0] == 24 and td.counters()["corrupt_skipped"] == 1
     with pytest.raises(RuntimeError, match="corrupt sample: shard .*train-000000.tar key"):
-        list(train(root, batch=8, workers=0, streams=1, corrupt="raise").epoch_batches(0))
+        list(finished(train(root, batch=8, workers=0, streams=1, corrupt="raise").epoch_batches(0)))
 
 
 def test_read_info_errors(tmp_path):
@@ -196,5 +197,5 @@ def test_read_info_errors(tmp_path):
 def test_brace_pattern_overrides_shard_list(even):
     td = train(even, mode="resampled", shards=f"{even}/train-{{000000..000003}}.tar")
     assert td.batches_per_epoch == 6
-    _, _, u = collect(td.epoch_batches(0))
+    _, _, u = collect(finished(td.epoch_batches(0)))
     assert u.max() < 48  # uids of the first 4 shards are 0..47

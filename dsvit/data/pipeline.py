@@ -3,9 +3,12 @@
 An epoch is read as ``S = data.streams`` virtual streams (``dsvit.data.stream``): global micro-batch
 ``g`` is chunk ``g`` (``B_micro / S`` samples) of every stream, in stream order, and rank ``r`` of
 ``R`` reads and decodes the chunks of its ``S/R`` streams. The batches therefore depend on (seed,
-epoch, S, keep set) only: not on the world size, the node layout or the loader's worker count. Each
-stream is owned by one loader worker, so every shard byte is read once per epoch by the rank that
-needs it (``tests/test_data_read_once.py`` counts the bytes).
+epoch, S, keep set) only: not on the world size, the node layout or the loader's worker count. The
+rank's process reads its streams and ``data.workers`` persistent processes decode whole
+micro-batches (``dsvit.data.loader``), so every shard byte is read once per epoch by the rank that
+needs it (``tests/test_data_read_once.py`` counts the bytes) and the worker count is free. Batches
+are uint8 ``HostImages`` (pinned on an accelerator), normalised and erased on the device
+(``dsvit.data.device``): a quarter of the bytes of float32.
 
 * partitioned: shards are dealt to the S streams once (greedy by active sample count); each epoch a
   stream reads its shards in an order drawn from (seed, epoch, stream). An epoch is
@@ -41,7 +44,8 @@ padding has ``valid=False``; with 'skip', corrupt val samples are ``valid=False`
 evaluated count shows what is missing, and ``EvalData.counters()`` says why.
 
 Modules: this one lists shards and sizes epochs (``TrainData``, ``EvalData``); ``dsvit.data.stream``
-reads the streams (``StreamPlan``, ``TrainStream``, ``EvalStream``); ``dsvit.data.tar_reader`` the tars.
+reads the streams (``StreamPlan``, ``read_micro_batches``, ``EvalStream``); ``dsvit.data.loader``
+runs the reader thread and the workers; ``dsvit.data.tar_reader`` reads the tars.
 """
 from __future__ import annotations
 
@@ -55,14 +59,13 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from dsvit.config import check_streams
 from dsvit.data.shards import INFO_NAME, check_info
-from dsvit.data.stream import STREAM_COUNTERS, EvalStream, StreamPlan, TrainStream, decode_image
+from dsvit.data.loader import READ_AHEAD, MicroBatchDecoder, ReadAhead, TaskFeed, eval_loader, train_loader
+from dsvit.data.stream import STREAM_COUNTERS, EvalStream, StreamPlan, decode_image, read_micro_batches
 from dsvit.data.tar_reader import iter_shard
-from dsvit.data.transforms import (BatchNormalize, build_eraser, build_eval_transform, build_train_transform,
-                                   image_stages, stack_images)
+from dsvit.data.transforms import BatchNormalize, build_eval_transform, image_stages, stack_images
 
 log = logging.getLogger("dsvit.data")
 TRAIN_COUNTERS = ("corrupt_skipped",) + STREAM_COUNTERS
@@ -131,16 +134,6 @@ def _balance(weights: np.ndarray, n_bins: int) -> list[list[int]]:
     return [sorted(b) for b in bins]
 
 
-def _loader(ds, workers: int):
-    return DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=False,
-                      prefetch_factor=4 if workers > 0 else None)
-
-
-def largest_divisor_at_most(n: int, k: int) -> int:
-    """The largest divisor of ``n`` that is <= ``k`` (at least 1)."""
-    return max(d for d in range(1, max(1, min(n, k)) + 1) if n % d == 0)
-
-
 class TrainData:
     def __init__(self, cfg, info: dict, *, img_size: int, rank: int, world_size: int,
                  local_batch: int, seed: int, batches_multiple: int = 1):
@@ -153,25 +146,25 @@ class TrainData:
         self.chunk = local_batch * world_size // streams
         per_rank = streams // world_size
         self.my_streams = list(range(rank * per_rank, (rank + 1) * per_rank))
-        # a worker owns whole streams: the most workers that divide this rank's streams evenly
-        self.workers = largest_divisor_at_most(per_rank, cfg.workers) if cfg.workers > 0 else 0
+        self.workers = max(0, cfg.workers)   # decode processes; the rank's process reads the streams
         if cfg.mode == "partitioned" and len(self.urls) < streams:
             raise ValueError(
                 f"data.mode=partitioned deals whole shards to data.streams={streams} streams, but "
                 f"{cfg.root} has {len(self.urls)} shards; reshard with `dsvit shards ... --shard-size "
                 f"{max(1, self.num_samples // (streams * 4))}` (4 shards per stream), lower data.streams "
                 f"(a multiple of the world size {world_size}) or use data.mode=resampled")
-        self.transform = build_train_transform(cfg, img_size)
-        self.normalize, self.eraser = BatchNormalize(cfg.mean, cfg.std), build_eraser(cfg)
+        self.normalize = BatchNormalize(cfg.mean, cfg.std)
+        self.augmentation = (cfg.auto_augment, cfg.reprob)
         self._counters = dict.fromkeys(TRAIN_COUNTERS, 0)
         self.set_keep_set(None)
+        # made at the first epoch (its workers live as long as this object); see epoch_batches
+        self._feed, self._loader, self._reading = TaskFeed(), None, 0
 
     def set_augmentation(self, auto_augment: str, reprob: float) -> None:
         """Train with another RandAugment policy string and random-erasing probability from the next
-        ``epoch_batches`` call on (a plugin's per-stage regularisation); the config is not changed."""
-        aug = dataclasses.replace(self.cfg, auto_augment=auto_augment, reprob=reprob)
-        self.transform = build_train_transform(aug, self.img_size)
-        self.eraser = build_eraser(aug)
+        ``epoch_batches`` call on (a plugin's per-stage regularisation); the config is not changed.
+        The policy travels with each micro-batch to the workers, which build its transform once."""
+        self.augmentation = (auto_augment, float(reprob))
 
     def set_keep_set(self, keep):
         if keep is not None:
@@ -231,50 +224,51 @@ class TrainData:
         if not 0 <= skip_batches <= num_batches:
             raise ValueError(f"skip_batches={skip_batches} outside [0, {num_batches}]")
         self._counters = dict.fromkeys(TRAIN_COUNTERS, 0)   # per epoch
-        ds = TrainStream(self._plan(epoch, skip_batches, num_batches), self.transform, self.normalize,
-                         self.eraser)
-        nw, count, items = max(1, self.workers), 0, []
-        for item in _loader(ds, self.workers):
-            items.append(item)
-            if len(items) < nw:
-                continue
-            g = items[0][0]
-            assert all(it[0] == g for it in items), [it[0] for it in items]
-            images, labels, uids, stats = self._assemble(items, g)
-            items = []
-            for url, got, listed, why in stats.pop("short", ()):
-                log.warning("epoch %d rank %d: shard %s delivered %d of the %d samples %s lists (%s); the "
-                            "epoch is filled from the other shards (counted as short_shard_missing). "
-                            "Re-create it (`dsvit shards verify %s` lists the damaged shards)",
-                            epoch, self.rank, url, got, listed, INFO_NAME, why, os.path.dirname(url) or ".")
-            for k, v in stats.items():
-                self._counters[k] += v
-            count += 1
-            yield images, labels, uids
+        self._reading += 1
+        reading, count = self._reading, 0
+        tasks = ReadAhead(read_micro_batches(self._plan(epoch, skip_batches, num_batches), self.augmentation),
+                          READ_AHEAD)
+        try:
+            batches = self._epoch_loader(tasks)
+            while True:
+                if self.workers and reading != self._reading:   # before taking a batch of the newer epoch
+                    raise RuntimeError("another epoch_batches() of this TrainData has started since: its "
+                                       "persistent loader serves one epoch at a time; read the newest one")
+                try:
+                    images, labels, uids, stats = next(batches)
+                except StopIteration:
+                    break
+                for url, got, listed, why in stats.pop("short", ()):
+                    log.warning("epoch %d rank %d: shard %s delivered %d of the %d samples %s lists (%s); the "
+                                "epoch is filled from the other shards (counted as short_shard_missing). "
+                                "Re-create it (`dsvit shards verify %s` lists the damaged shards)",
+                                epoch, self.rank, url, got, listed, INFO_NAME, why, os.path.dirname(url) or ".")
+                for k, v in stats.items():
+                    self._counters[k] += v
+                count += 1
+                yield images, labels, uids
+        finally:
+            tasks.close()
         assert count == num_batches - skip_batches, (count, num_batches, skip_batches)
 
-    def _assemble(self, items, g: int):
-        """The rank's micro-batch from its workers' items (worker ``w`` holds the rank's w-th block of
-        streams, so worker order is stream order), corrupt slots filled with copies of good samples."""
-        stats = {}
-        if len(items) == 1:
-            images, labels, uids, bad = items[0][1:5]
+    def _epoch_loader(self, tasks: ReadAhead):
+        """The DataLoader over this epoch's read tasks. With workers it is made once and kept (persistent
+        workers); without, made per epoch. Either way torch's global RNG gives one draw per epoch, as
+        when every epoch made its own DataLoader (its iterator draws the workers' base seed there):
+        dropout and drop-path, and so every loss, stay what they were."""
+        self._feed.tasks = tasks
+        if self.workers == 0:
+            return iter(train_loader(MicroBatchDecoder(self.cfg, self._decoder_plan(), self.rank), self._feed, 0))
+        if self._loader is None:
+            self._loader = train_loader(MicroBatchDecoder(self.cfg, self._decoder_plan(), self.rank),
+                                        self._feed, self.workers)
         else:
-            images, labels, uids, bad = (torch.cat([it[j] for it in items]) for j in range(1, 5))
-        for it in items:
-            for key, v in it[5].items():
-                stats[key] = stats.get(key, []) + v if key == "short" else stats.get(key, 0) + v
-        if bad.any():
-            good = (~bad).nonzero().flatten()
-            if not len(good):
-                raise RuntimeError(f"every sample of micro-batch {g} on rank {self.rank} is corrupt (uids "
-                                   f"{uids[:8].tolist()}...); check the shards with `dsvit shards verify "
-                                   f"{os.path.dirname(self.urls[0]) or '.'}`")
-            slots = bad.nonzero().flatten()
-            src = good[torch.arange(len(slots)) % len(good)]
-            images, labels, uids = images.clone(), labels.clone(), uids.clone()
-            images[slots], labels[slots], uids[slots] = images[src], labels[src], uids[src]
-        return images.contiguous(), labels, uids, stats
+            torch.empty((), dtype=torch.int64).random_()   # the draw a new DataLoader iterator would make
+        return iter(self._loader)
+
+    def _decoder_plan(self) -> StreamPlan:
+        """What the decode workers need of the plan: no keep set (filtered by the reader), no epoch."""
+        return dataclasses.replace(self._plan(0, 0), keep=None, active=None)
 
     def images_by_uid(self, uids):
         """Training samples ``uids`` decoded with the eval transform, normalised float [n, 3, H, W] in
@@ -328,11 +322,10 @@ class EvalData:
         self.quotas[0] += self.num_batches - sum(self.quotas)
         self.num_samples = int(self.lengths.sum())
         self.transform = build_eval_transform(cfg, img_size)
-        self.normalize = BatchNormalize(cfg.mean, cfg.std)
         self._counters = dict.fromkeys(EVAL_COUNTERS, 0)
 
     def batches(self):
-        """This rank's val batches (images, labels, valid). Samples that are missing (short shards)
+        """This rank's val batches (HostImages, labels, valid). Samples that are missing (short shards)
         or corrupt (``data.corrupt=skip``) are not evaluated: a corrupt one is a valid=False slot.
         Each pass resets ``counters()``; a shortfall is logged as a warning at the end."""
         listed = int(self.lengths[self.assign[self.rank]].sum())
@@ -342,9 +335,9 @@ class EvalData:
                           streams=((0, self.assign[self.rank]),), seed=0, epoch=0, chunk=self.batch,
                           num_batches=self.num_batches, skip_batches=0, shuffle_buffer=0,
                           corrupt=self.cfg.corrupt, img_size=self.img_size, train=False)
-        ds = EvalStream(plan, self.transform, self.normalize, self.quotas)
+        ds = EvalStream(plan, self.transform, self.cfg.mean, self.cfg.std, self.quotas)
         short = []
-        for images, labels, valid, stats in _loader(ds, self.cfg.workers):
+        for images, labels, valid, stats in eval_loader(ds, self.cfg.workers):
             short += stats.pop("short", ())
             for k, v in stats.items():
                 if k in self._counters:   # not 'filtered': no keep set here

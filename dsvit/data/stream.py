@@ -1,29 +1,31 @@
-"""Reading an epoch: undecoded samples from tar shards, as streams that loader workers own.
+"""Reading an epoch: undecoded samples from tar shards, as streams a rank reads once.
 
-Training (``TrainStream``). The data of an epoch is ``S = data.streams`` virtual *streams*, each an
-ordered sequence of undecoded samples defined by (seed, epoch, stream id, keep set) only: its shards
-(partitioned: a fixed share; resampled: drawn with replacement) -> tar -> keep[uid] filter -> its
-own shuffle buffer. Global micro-batch ``g`` is chunk ``g`` of every stream, in stream order (a
-chunk is ``B_micro / S`` samples). Rank ``r`` of ``R`` owns streams ``r*S/R .. (r+1)*S/R - 1``, so
-its micro-batch is the concatenation of its streams' chunks, and the global batch does not depend
-on the world size as long as ``S`` is fixed. A loader worker ``w`` of ``W`` (``W`` divides ``S/R``)
-owns the rank's streams ``w*S/(RW) .. (w+1)*S/(RW) - 1``: it alone opens their shards, so each shard byte is read
-once per epoch per rank, and it decodes and augments their chunks; augmentation RNGs are seeded per
-(seed, epoch, stream, g, stage), so nothing depends on the worker count either. A worker yields one
-item per micro-batch (its chunks, concatenated); ``dsvit.data.pipeline`` concatenates the workers'
-items (worker order is stream order) and fills corrupt slots.
+Training. The data of an epoch is ``S = data.streams`` virtual *streams*, each an ordered sequence
+of undecoded samples defined by (seed, epoch, stream id, keep set) only: its shards (partitioned: a
+fixed share; resampled: drawn with replacement) -> tar -> keep[uid] filter -> its own shuffle
+buffer. Global micro-batch ``g`` is chunk ``g`` of every stream, in stream order (a chunk is
+``B_micro / S`` samples). Rank ``r`` of ``R`` owns streams ``r*S/R .. (r+1)*S/R - 1``, so its
+micro-batch is the concatenation of its streams' chunks, and the global batch does not depend on
+the world size as long as ``S`` is fixed. The rank's own process reads its streams
+(``read_micro_batches``, in a thread: ``dsvit.data.loader``), so each shard byte is read once per
+epoch per rank however many loader workers there are, and hands each micro-batch, undecoded, to
+one decode worker (``ReadTask``). Decoding and augmentation (``SampleDecoder``) are seeded per
+(seed, epoch, stream, g, stage), so nothing depends on the worker count either.
 
 Evaluation (``EvalStream``): a rank's val shards are dealt to its workers (``shards[w::W]``); each
 worker batches its own samples and pads its last batch, and worker 0 adds the fully padded batches
 that give every rank the same batch count.
 
-Counters. Every item carries the counts of what happened while its samples were read (stream
-events: ``filtered``, ``short_shards``, ``short_shard_missing``, and the short shards themselves
-under ``short``) and decoded (``corrupt_skipped``). Events of one stream are booked on the chunk
-being read when they happen (at the earliest on the first chunk decoded, so a resumed epoch books
-the events of the chunks it passes over): the counts do not depend on the worker count. Each shard
-is checked against the sample count ``_info.json`` lists when its end is reached; a short shard
-counts once per stream and epoch.
+Both yield uint8 images (``dsvit.data.device.HostImages``): normalisation and random erasing run
+on the device.
+
+Counters. Every micro-batch carries the counts of what happened while its samples were read
+(stream events: ``filtered``, ``short_shards``, ``short_shard_missing``, and the short shards
+themselves under ``short``) and decoded (``corrupt_skipped``). Events of one stream are booked on
+the chunk being read when they happen (at the earliest on the first chunk decoded, so a resumed
+epoch books the events of the chunks it passes over): the counts do not depend on the worker
+count. Each shard is checked against the sample count ``_info.json`` lists when its end is
+reached; a short shard counts once per stream and epoch.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from dsvit.data.device import HostImages
 from dsvit.data.shards import IMAGE_EXTS, INFO_NAME
 from dsvit.data.tar_reader import CorruptShardError, iter_shard
 from dsvit.data.transforms import image_stages, seed_rngs, stack_images
@@ -208,10 +211,10 @@ def shuffled(it, size: int, rng):
 
 
 class SampleDecoder:
-    """Bytes -> augmented, normalised tensors: the part shared by training and evaluation."""
+    """Bytes -> augmented uint8 tensors: the part shared by training and evaluation."""
 
-    def __init__(self, plan: StreamPlan, transform, normalize):
-        self.plan, self.normalize = plan, normalize
+    def __init__(self, plan: StreamPlan, transform):
+        self.plan = plan
         self.stages = image_stages(transform)
 
     def decode(self, uid, url, key, sample, stats):
@@ -236,22 +239,13 @@ class SampleDecoder:
             imgs = [stage(x) for x in imgs]
         return stack_images(imgs)
 
-
-class TrainStream(IterableDataset):
-    """One rank's training epoch: yields per micro-batch ``(g, images, labels, uids, bad, stats)`` with
-    this worker's chunks concatenated (``bad``: corrupt slots, zero images); stats: {counter: int}
-    and "short": [(url, samples read, samples listed, why)]."""
-
-    def __init__(self, plan: StreamPlan, transform, normalize, eraser):
-        self.plan, self.eraser = plan, eraser
-        self.decoder = SampleDecoder(plan, transform, normalize)
-
-    def _chunk(self, raw, sid: int, g: int, stats):
-        """uint8 images (zeros in corrupt slots), labels, uids, corrupt mask of one stream's chunk."""
-        p, dec = self.plan, self.decoder
-        items = [dec.decode(*r, stats) for r in raw]
+    def decode_chunk(self, raw, sid: int, g: int, stats):
+        """uint8 images (zeros in corrupt slots), labels, uids, corrupt mask of stream ``sid``'s
+        chunk of micro-batch ``g``, augmented with the RNGs seeded per (seed, epoch, sid, g, stage)."""
+        p = self.plan
+        items = [self.decode(*r, stats) for r in raw]
         good = [i for i, it in enumerate(items) if it is not None]
-        images = dec.augment([items[i][0] for i in good], p.seed, p.epoch, sid, g) if good else None
+        images = self.augment([items[i][0] for i in good], p.seed, p.epoch, sid, g) if good else None
         if len(good) < len(raw):
             full = torch.zeros(len(raw), 3, p.img_size, p.img_size, dtype=torch.uint8)
             if good:
@@ -261,52 +255,61 @@ class TrainStream(IterableDataset):
         bad = torch.tensor([it is None for it in items], dtype=torch.bool)
         return images, labels, torch.tensor([r[0] for r in raw], dtype=torch.long), bad
 
-    def __iter__(self):
-        p = self.plan
-        w, nw = worker_slot()
-        k = len(p.streams) // nw
-        mine = p.streams[w * k:(w + 1) * k]
-        events = [_Events() for _ in mine]
-        its = [stream_samples(p, sid, shards, ev) for (sid, shards), ev in zip(mine, events)]
-        for it in its:   # resume: pass over the skipped chunks without decoding
+
+@dataclass(frozen=True)
+class ReadTask:
+    """One micro-batch of a rank, read but not decoded: what the reader hands a decode worker."""
+    g: int                         # micro-batch of the epoch
+    epoch: int
+    chunks: tuple                  # ((stream id, ((uid, url, key, sample), ...)), ...) in stream order
+    stats: dict                    # stream events booked on this micro-batch
+    augmentation: tuple            # (auto_augment, reprob) of the epoch
+
+
+def read_micro_batches(plan: StreamPlan, augmentation: tuple):
+    """The rank's micro-batches skip_batches..num_batches-1 of the epoch as ``ReadTask``s: all its
+    streams read here (each shard byte once), the skipped chunks passed over without decoding."""
+    p = plan
+    events = [_Events() for _ in p.streams]
+    its = [stream_samples(p, sid, shards, ev) for (sid, shards), ev in zip(p.streams, events)]
+    try:
+        for it in its:   # resume: pass over the skipped chunks
             for _ in itertools.islice(it, p.skip_batches * p.chunk):
                 pass
         for g in range(p.skip_batches, p.num_batches):
-            stats, parts = {"corrupt_skipped": 0}, []
-            for (sid, _), it, ev in zip(mine, its, events):
-                raw = list(itertools.islice(it, p.chunk))
+            stats, chunks = {}, []
+            for (sid, _), it, ev in zip(p.streams, its, events):
+                raw = tuple(itertools.islice(it, p.chunk))
                 if len(raw) < p.chunk:
                     raise RuntimeError(f"data stream {sid} ended inside micro-batch {g}")
-                parts.append(self._chunk(raw, sid, g, stats))
+                chunks.append((sid, raw))
                 ev.book(stats)
-            images, labels, uids, bad = (torch.cat(t) for t in zip(*parts))
-            images = self.decoder.normalize(images)   # once per item: per chunk it costs 8x the calls
-            if self.eraser is not None:
-                for j, (sid, _) in enumerate(mine):   # per sample, in place, seeded per chunk
-                    seed_rngs(p.seed, p.epoch, sid, g, len(self.decoder.stages))
-                    self.eraser(images[j * p.chunk:(j + 1) * p.chunk])
-            yield g, images, labels, uids, bad, stats
+            yield ReadTask(g, p.epoch, tuple(chunks), stats, augmentation)
+    finally:   # close the shards being read now (a pipe: URL's process) rather than at collection
+        for it in its:
+            it.close()
 
 
 class EvalStream(IterableDataset):
-    """One rank's val pass: yields ``(images, labels, valid, stats)`` batches of ``chunk`` slots; worker
+    """One rank's val pass: yields ``(HostImages, labels, valid, stats)`` batches of ``chunk`` slots; worker
     ``w`` reads shards ``shards[w::W]`` and yields ``quotas[w]`` batches (its samples, then padding)."""
 
-    def __init__(self, plan: StreamPlan, transform, normalize, quotas: list):
-        self.plan, self.quotas = plan, quotas
-        self.decoder = SampleDecoder(plan, transform, normalize)
+    def __init__(self, plan: StreamPlan, transform, mean: tuple, std: tuple, quotas: list):
+        self.plan, self.quotas, self.mean, self.std = plan, quotas, tuple(mean), tuple(std)
+        self.decoder = SampleDecoder(plan, transform)
 
     def _batch(self, raw, stats):
+        """uint8 images (zeros where not valid), labels, valid."""
         b, size = self.plan.chunk, self.plan.img_size
-        images, labels = torch.zeros(b, 3, size, size), torch.zeros(b, dtype=torch.long)
-        valid = torch.zeros(b, dtype=torch.bool)
+        images = torch.zeros(b, 3, size, size, dtype=torch.uint8)
+        labels, valid = torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.bool)
         items = [self.decoder.decode(*r, stats) for r in raw]
         good = [i for i, it in enumerate(items) if it is not None]
         if good:
-            images[good] = self.decoder.normalize(self.decoder.augment([items[i][0] for i in good]))
+            images[good] = self.decoder.augment([items[i][0] for i in good])
             labels[good] = torch.tensor([items[i][1] for i in good], dtype=torch.long)
             valid[good] = True
-        return images, labels, valid
+        return HostImages(images, self.mean, self.std), labels, valid
 
     def __iter__(self):
         p = self.plan

@@ -1,8 +1,9 @@
 """timm transforms for the shard pipeline, per-sample RNG seeding, and the Pillow posterize fix.
 
 Transforms are timm's (``create_transform`` with ``use_prefetcher=True``); the pipeline runs their
-PIL stages (:func:`image_stages`) batch-wise and stacks uint8 arrays, and normalisation (plus random
-erasing) runs once per batch on the stacked tensor, which is cheaper than per-sample float conversion.
+PIL stages (:func:`image_stages`) batch-wise and stacks uint8 arrays; normalisation and random erasing
+run on the device (``dsvit.data.device``); :class:`BatchNormalize` is the same normalisation on the
+host, for the occasional looks of ``TrainData.images_by_uid``.
 Training transforms get :func:`dsvit.data.fast_ops.speed_up`: bit-exact, faster lookup-table ops.
 
 Pillow >= 11 raises "bits must be between or equal to 1 and 8" for ``ImageOps.posterize(img, 0)``;
@@ -87,6 +88,11 @@ def seed_rngs(*values: int) -> None:
     random.seed(s)
     np.random.seed(s & 0xFFFFFFFF)
     torch.default_generator.manual_seed(s >> 1)  # CPU only: torch.manual_seed also queues CUDA seeding, with a stack capture per call
+
+
+def torch_seed(*values: int) -> int:
+    """The seed ``seed_rngs(*values)`` gives torch's RNG (random erasing's noise, drawn on the device)."""
+    return mix64(*values) >> 1
 
 
 class BatchNormalize:

@@ -7,15 +7,18 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from dsvit.data.device import finish_on_device
+
 
 @torch.no_grad()
 def evaluate_model(model, batches, device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
-    """``batches`` yields (images, labels, valid); every rank must yield the same number of batches.
+    """``batches`` yields (images, labels, valid), images float or uint8 ``HostImages`` (normalised on
+    the device); every rank must yield the same number of batches.
     Returns top1/top5 (percent), mean loss, sample count and images/s (this rank's wall clock)."""
     sums = torch.zeros(4, device=device, dtype=torch.float64)   # top1 hits, top5 hits, count, loss
     t0 = time.perf_counter()
     for images, labels, valid in batches:
-        images = images.to(device, non_blocking=True).to(dtype)
+        images = finish_on_device(images, device).to(dtype)   # uint8 from the shard loader: normalised here
         labels = labels.to(device, non_blocking=True)
         valid = valid.to(device, non_blocking=True)
         logits = model(images).float()

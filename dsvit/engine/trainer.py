@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from dsvit import config as C
+from dsvit.data.device import finish_on_device
 from dsvit.engine import build as B
 from dsvit.engine import checkpoint as ckpt
 from dsvit.engine import host_sync
@@ -148,8 +149,7 @@ class Trainer:
 
     # ------------------------------------------------------------ training
     def _batch(self, images, labels, uids) -> Batch:
-        from dsvit.data.device import finish_on_device   # the shard loader's uint8: normalised and erased on the device
-        images = finish_on_device(images, self.device)
+        images = finish_on_device(images, self.device)   # uint8 from the shards: normalised (and erased) here
         labels = labels.to(self.device, non_blocking=True)
         targets = soft_targets(labels, self.num_classes, self.cfg.train.label_smoothing)
         if self.mixup is not None:
