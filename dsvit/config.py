@@ -354,6 +354,11 @@ def describe_sections() -> str:
     return "\n".join(lines)
 
 
-def load_ds_config(cfg: Config) -> dict:
-    with open(ds_config_path(cfg.run.ds_config)) as f:
+def read_ds_config(name: str) -> dict:
+    """The DeepSpeed JSON ``name`` (a ds_configs/ name or a path)."""
+    with open(ds_config_path(name)) as f:
         return json.load(f)
+
+
+def load_ds_config(cfg: Config) -> dict:
+    return read_ds_config(cfg.run.ds_config)

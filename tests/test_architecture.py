@@ -30,19 +30,13 @@ def resolve(module: str, node: ast.ImportFrom, is_package: bool) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
-def own_package(name: str, target: str, mods: dict) -> bool:
-    """``from dsvit.plugins.growth import X`` inside ``dsvit.plugins.growth.config``: X is a name of
-    the package being imported (not a submodule) when it is not a module itself."""
-    return target not in mods and name.startswith(target.rpartition(".")[0] + ".")
-
-
 def imports(mods: dict) -> dict:
     """module -> the dsvit modules it imports anywhere in its body (functions included)."""
     graph = {}
     for name, (path, tree) in mods.items():
         found = set()
         for node in ast.walk(tree):
-            targets = []
+            targets, own = [], False
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -51,7 +45,7 @@ def imports(mods: dict) -> dict:
                 own = name.startswith(base + ".")
                 targets = ([] if own else [base]) + [f"{base}.{a.name}" for a in node.names]
             for t in targets:
-                if own_package(name, t, mods):
+                if own and t not in mods:   # a name of the package this module is part of
                     continue
                 while t and t not in mods:   # "dsvit.engine.plugin.State" -> "dsvit.engine.plugin"
                     t = t.rpartition(".")[0]

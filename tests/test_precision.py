@@ -1,6 +1,7 @@
 """Precision and ZeRO defaults per device: ``run.ds_config=auto``/``run.precision=auto`` resolve to
 zero1-bf16 on a GPU with bf16 and to zero0 fp32 on CPU; every ZeRO 1/2 JSON has bucket sizes;
 ``run.deterministic`` switches torch's deterministic algorithms."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -30,8 +31,7 @@ def test_auto_on_a_bf16_gpu_is_zero1_bf16(monkeypatch):
     assert (run.ds_config, run.precision) == ("zero1-bf16", "bf16")
     run = setup.resolve_run(C.load_config("default", ["run.ds_config=zero2"]).run, gpu)
     assert (run.ds_config, run.precision) == ("zero2", "bf16")          # an fp32 JSON gets bf16 on GPU
-    cfg = C.load_config("default", ["run.ds_config=zero2"])
-    resolved = C.Config(**{**{f: getattr(cfg, f) for f in C.SECTIONS}, "run": run})
+    resolved = dataclasses.replace(C.load_config("default", ["run.ds_config=zero2"]), run=run)
     assert setup.complete_ds_config(resolved, 1)["bf16"] == {"enabled": True}
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)   # e.g. a V100
     assert setup.resolve_run(C.load_config("default").run, gpu).precision == "fp32"

@@ -31,6 +31,8 @@ import random
 
 import torch
 
+from dsvit.data.transforms import BatchNormalize
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class HostImages:
@@ -69,17 +71,16 @@ class HostImages:
 
 @functools.lru_cache(maxsize=16)
 def normalize_constants(mean: tuple, std: tuple, device: torch.device) -> tuple:
-    """(mean * 255, 1 / (std * 255)) as [1, 3, 1, 1] float32 on ``device``, computed on the CPU as
-    ``dsvit.data.transforms.BatchNormalize`` does (so the values are the same bits) and copied once."""
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
-    inv = 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255)
-    return m.to(device), inv.to(device)
+    """``BatchNormalize``'s constants (mean * 255, 1 / (std * 255)), made on the CPU as the workers
+    made them (so the values are the same bits) and copied to ``device`` once."""
+    norm = BatchNormalize(mean, std)
+    return norm.mean.to(device), norm.inv_std.to(device)
 
 
 def erase_boxes(eraser, n: int, img_h: int, img_w: int, row0: int = 0) -> tuple:
     """The rectangles timm's ``RandomErasing._erase`` would erase in ``n`` images of img_h x img_w,
     drawing python ``random`` exactly as it does (seed it first); rows numbered from ``row0``.
-    tests/test_data_device.py checks the result against timm's eraser."""
+    tests/test_data_workers.py checks the result against timm's eraser."""
     if not eraser.per_pixel or eraser.num_splits > 1:
         raise ValueError("only timm RandomErasing(mode='pixel', num_splits=0) is reproduced on the device")
     boxes, area = [], img_h * img_w

@@ -43,7 +43,8 @@ def pin_batches() -> bool:
     """Pin host batches when there is an accelerator to copy them to (non-blocking copies). The
     DataLoader's pinning thread works on the device current when its iterator is made: the engine
     has set the rank's device by then (the first epoch, an evaluation), so no rank touches GPU 0."""
-    return torch.accelerator.is_available()
+    accelerator = getattr(torch, "accelerator", None)   # torch >= 2.6; before it CUDA was the one
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 
 
 def as_is(item):

@@ -28,6 +28,7 @@ from typing import Any, Optional
 
 import torch
 
+from dsvit.config import Config
 from dsvit.engine.interfaces import RunLog, TokenStageOps, TrainData
 
 EVENTS = ("fit_start", "epoch_start", "step_start", "batch_start", "before_forward", "after_forward",
@@ -101,7 +102,6 @@ class Plugin:
     eval_options: tuple = ()
 
     def __init__(self, cfg: Any, config: Any = None):
-        from dsvit.config import Config
         self.cfg = cfg
         self.config = config if config is not None else Config()
         self.order = getattr(cfg, "order", None) or type(self).order

@@ -3,7 +3,6 @@ and LR schedule (rebuilt with every engine), soft targets."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 
 import torch
@@ -44,8 +43,7 @@ def resolve_run(run: C.RunConfig, device: torch.device) -> C.RunConfig:
     name = run.ds_config if run.ds_config != "auto" else ("zero1-bf16" if bf16 else "zero0")
     precision = run.precision
     if precision == "auto":
-        with open(C.ds_config_path(name)) as f:
-            ds = json.load(f)
+        ds = C.read_ds_config(name)
         precision = ("bf16" if ds.get("bf16", {}).get("enabled") else
                      "fp16" if ds.get("fp16", {}).get("enabled") else "bf16" if bf16 else "fp32")
     return dataclasses.replace(run, ds_config=name, precision=precision)

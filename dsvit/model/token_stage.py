@@ -175,15 +175,6 @@ class TokenStage:
         """Run only ``blocks`` (ascending indices; None: all) from the next forward on."""
         self.active_blocks = None if blocks is None else list(blocks)
 
-    @contextlib.contextmanager
-    def all_blocks(self):
-        """Every block inside (an evaluation of a supernet), the elastic choice restored after."""
-        saved, self.active_blocks = self.active_blocks, None
-        try:
-            yield
-        finally:
-            self.active_blocks = saved
-
     # ------------------------------------------------------------ helpers for hooks
     def keep_positions(self, x: torch.Tensor, idx: torch.Tensor) -> None:
         """The tokens now are those at ``idx`` ([B, K]) of ``x``'s (the hook builds its output)."""
