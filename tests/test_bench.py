@@ -12,7 +12,7 @@ import pytest
 
 from dsvit.bench import report as R
 from dsvit.bench import spec as S
-from dsvit.bench.scheduler import Interleaver, RunRecord, default_slots, pick_active
+from dsvit.bench.scheduler import Interleaver, RunRecord, core_groups, default_slots, pick_active
 from dsvit.errors import ConfigError
 
 
@@ -22,6 +22,26 @@ def test_pick_active_takes_least_active_unfinished_runs_in_spec_order_on_ties():
     assert pick_active(recs, 2) == ["b", "e"]
     assert pick_active(recs, 3) == ["b", "e", "d"]
     assert pick_active([RunRecord("x", "failed")], 1) == []
+
+
+def test_runs_stay_on_their_accelerator_one_at_a_time_and_share_the_cores():
+    recs = [RunRecord(n, "pending", t) for n, t in zip("abcde", (5.0, 1.0, 0.0, 2.0, 0.5))]
+    # 2 GPUs: runs a, c, e on GPU 0 and b, d on GPU 1; each GPU takes its least-run run
+    assert pick_active(recs, 2, devices=2) == ["c", "b"]
+    recs[2].status = "done"
+    assert pick_active(recs, 2, devices=2) == ["e", "b"]
+    assert pick_active(recs, 4, devices=2) == ["e", "b", "d", "a"]   # two per GPU when asked
+    assert core_groups(list(range(16)), 2) == [list(range(8)), list(range(8, 16))]
+    assert core_groups([0, 1], 2) == [[0], [1]] and core_groups([0, 1], 3) == [[0], [1], [0]]
+
+
+def test_a_run_bound_to_an_accelerator_sees_only_it(tmp_path):
+    script = tmp_path / "env.py"
+    script.write_text("import os, sys\nopen(sys.argv[1], 'w').write(os.environ['CUDA_VISIBLE_DEVICES'])\n")
+    il = Interleaver(tmp_path / "b", ["a", "b", "c"], lambda n: [sys.executable, str(script), str(tmp_path / f"{n}.env")],
+                     slots=2, quantum_s=0.2, cores=[0], log=lambda m: None, env=dict(os.environ), devices=2)
+    assert [r.status for r in il.run(tick_s=0.02)] == ["done"] * 3
+    assert [(tmp_path / f"{n}.env").read_text() for n in "abc"] == ["0", "1", "0"]
 
 
 def test_slots_default_to_one_run_per_gpu_on_a_gpu_machine_else_one_per_core():

@@ -1,21 +1,44 @@
 """``dsvit bench throughput`` on a tiny model: table structure, MAC counts, the stack's invariant.
-No timing thresholds (the numbers are noisy; only their bookkeeping is checked)."""
+No timing thresholds (the numbers are noisy; only their bookkeeping is checked). The measurement
+runs in a subprocess: it builds DeepSpeed engines, so it needs a process group, and the pytest
+processes keep none."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from dsvit.bench import throughput as T
 
+ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--model", "vit_tiny_patch16_224", "--img", "32", "--patch", "4", "--embed-dim", "64",
         "--depth", "4", "--heads", "2", "--classes", "10", "--batch", "2", "--rounds", "2",
         "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
-def result():
-    args = T.parse_args(TINY)
-    torch.set_num_threads(1)
-    line, peak = T.device_info(torch.device("cpu"), args.dtype, 100.0)
-    return T.measure("vit_tiny_patch16_224", args, torch.device("cpu"), peak), line
+def run(tmp_path_factory):
+    """``dsvit bench throughput`` on the tiny model, its markdown appended to a file that has a line."""
+    tmp = tmp_path_factory.mktemp("throughput")
+    md, js = tmp / "t.md", tmp / "t.json"
+    md.write_text("earlier\n")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-m", "dsvit", "bench", "throughput", *TINY, "--threads", "1",
+                           "--out", str(md), "--json", str(js)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(js.read_text())[0], md.read_text(), proc.stdout
+
+
+@pytest.fixture(scope="module")
+def result(run):
+    res, _, _ = run
+    return res, res["device"]
 
 
 def rows_of(res, method):
@@ -74,16 +97,15 @@ def test_stack_reduces_macs_more_than_each_component(result):
         assert r["mac_reduction"] >= max(growth[g], tp) * (1 - 1e-12), r["stage"]
 
 
-def test_no_mfu_on_cpu(result, tmp_path):
+def test_no_mfu_on_cpu_and_the_real_engine(result, run):
     res, line = result
     assert res["peak_tflops"] is None and all(r["mfu"] is None for r in res["rows"])
     assert "MFU" not in T.table(res, line)
-    out = tmp_path / "t.md"
-    argv = TINY[:-4] + ["--rounds", "1", "--device", "cpu", "--methods", "baseline", "--peak-tflops", "50",
-                        "--out", str(out)]
-    assert T.main(argv) == 0 and T.main(argv) == 0          # appends
-    text = out.read_text()
-    assert text.count("### vit_tiny") == 2 and "MFU" not in text
+    _, md, stdout = run
+    assert md.startswith("earlier\n") and md.count("### vit_tiny") == 1   # appended
+    assert T.table(res, line) in md and T.table(res, line) in stdout
+    # the engine a CPU run builds: DeepSpeed, ZeRO-0, fp32
+    assert "DeepSpeed engine, zero0" in line and "fp32" in line
 
 
 def test_known_peaks_and_arguments():
@@ -93,7 +115,11 @@ def test_known_peaks_and_arguments():
     # exact names only: a name that merely contains a known one is not guessed
     assert T.peak_for("NVIDIA H100") is None and T.peak_for("NVIDIA H100 PCIe 2") is None
     args = T.parse_args(["--device", "cpu", "--methods", "baseline,toe", "stack"])
-    assert args.methods == ["baseline", "toe", "stack"] and args.dtype == "fp32"
+    assert args.methods == ["baseline", "toe", "stack"] and (args.dtype, args.ds_config) == ("fp32", "zero0")
+    args = T.parse_args(["--device", "cpu", "--ds-config", "zero1-bf16"])
+    assert (args.dtype, args.ds_config) == ("bf16", "zero1-bf16")   # auto: as the JSON says
+    with pytest.raises(SystemExit, match="run.ds_config 'nope' not found"):
+        T.parse_args(["--device", "cpu", "--ds-config", "nope"])
     with pytest.raises(SystemExit):
         T.parse_args(["--device", "cpu", "--methods", "nope"])
     with pytest.raises(SystemExit, match="--peak-tflops must be > 0"):

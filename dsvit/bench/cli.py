@@ -64,6 +64,7 @@ def cmd_run(args) -> int:
     folder = Path(args.dir).resolve()
     spec = _spec(folder, args)
     runs = {r.name: r for r in spec.runs}
+    devices = _accelerators()
     if args.slots is None:
         args.slots = _default_slots()
 
@@ -74,11 +75,13 @@ def cmd_run(args) -> int:
                 f"run.dir={folder / 'runs' / name}", "checkpoint.resume=auto", "log.progress=false"]
 
     _build_deepspeed_ops()
-    env = dict(os.environ, OMP_NUM_THREADS="1")   # one core per run: torch's own threads stay at one
+    # torch's threads: one per core a run is pinned to (CPU: one core each; accelerators: a share)
+    threads = max(1, len(os.sched_getaffinity(0)) // args.slots) if devices else 1
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     print(f"bench {spec.name}: {len(runs)} runs, {args.slots} at a time, switching every {args.quantum:.0f} s; "
           f"folder {folder}", flush=True)
     records = Interleaver(folder, list(runs), command, args.slots, args.quantum, spec.fingerprint(), env,
-                          log=lambda m: print(m, flush=True)).run()
+                          log=lambda m: print(m, flush=True), devices=devices).run()
     failed = [r.name for r in records if r.status == "failed"]
     _report(folder, spec, args.results)
     if failed:
@@ -87,12 +90,18 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _accelerators() -> int:
+    """How many accelerators the runs train on: DeepSpeed's (0 with DS_ACCELERATOR=cpu: the cores)."""
+    from deepspeed.accelerator import get_accelerator
+    acc = get_accelerator()
+    return 0 if acc.device_name() == "cpu" else acc.device_count()
+
+
 def _default_slots() -> int:
     """One run per accelerator DeepSpeed would train on (DS_ACCELERATOR=cpu: one per core)."""
-    from deepspeed.accelerator import get_accelerator
     from dsvit.bench.scheduler import default_slots
-    acc = get_accelerator()
-    return default_slots(acc.device_name(), acc.device_count(), len(os.sched_getaffinity(0)))
+    from deepspeed.accelerator import get_accelerator
+    return default_slots(get_accelerator().device_name(), _accelerators(), len(os.sched_getaffinity(0)))
 
 
 def _build_deepspeed_ops() -> None:

@@ -41,11 +41,28 @@ class RunRecord:
     pgid: Optional[int] = None
 
 
-def pick_active(records: list[RunRecord], slots: int) -> list[str]:
+def pick_active(records: list[RunRecord], slots: int, devices: int = 0) -> list[str]:
     """The runs to keep going this quantum: unfinished ones with the least active time (ties: the
-    spec's order). Pure, so the policy is tested without processes."""
-    todo = [(r.active_s, i, r.name) for i, r in enumerate(records) if r.status in ("pending", "running")]
-    return [name for _, _, name in sorted(todo)[:slots]]
+    spec's order). With ``devices`` accelerators, run ``i`` of the spec is bound to accelerator
+    ``i % devices`` for its whole life (a CUDA process cannot move, and a stopped one keeps its
+    memory there), and each accelerator takes ``max(1, slots // devices)`` of its own runs. Pure,
+    so the policy is tested without processes."""
+    todo = sorted((r.active_s, i, r.name) for i, r in enumerate(records) if r.status in ("pending", "running"))
+    if not devices:
+        return [name for _, _, name in todo[:slots]]
+    per_device, taken, chosen = max(1, slots // devices), {}, []
+    for _, i, name in todo:
+        if taken.get(i % devices, 0) < per_device:
+            taken[i % devices] = taken.get(i % devices, 0) + 1
+            chosen.append(name)
+    return chosen
+
+
+def core_groups(cores: list[int], slots: int) -> list[list[int]]:
+    """``slots`` groups of cores, one per run going at once: the cores split evenly (a run on an
+    accelerator gets its share of the host for its data workers), cycled when runs outnumber cores."""
+    k = max(1, len(cores) // max(1, slots))
+    return [cores[(j * k) % len(cores):(j * k) % len(cores) + k] for j in range(slots)]
 
 
 def default_slots(device_type: str, device_count: int, cores: int) -> int:
@@ -80,9 +97,11 @@ class Interleaver:
 
     def __init__(self, folder: Path, names: list[str], command: Callable[[str], list],
                  slots: int, quantum_s: float = 60.0, fingerprint: str = "", env: Optional[dict] = None,
-                 cores: Optional[list[int]] = None, log=print):
+                 cores: Optional[list[int]] = None, log=print, devices: int = 0):
         self.folder, self.command, self.slots, self.quantum_s = Path(folder), command, slots, quantum_s
-        self.env, self.log = env, log
+        self.env, self.log, self.devices = env, log, devices
+        if devices and env is None:
+            raise ValueError("Interleaver: runs bound to accelerators need the environment to extend")
         self.cores = cores if cores is not None else sorted(os.sched_getaffinity(0))
         self.state_path = self.folder / "bench.json"
         self.procs: dict[str, subprocess.Popen] = {}
@@ -128,17 +147,20 @@ class Interleaver:
         log_path = self.folder / "logs" / f"{r.name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         out = open(log_path, "a")
+        env = self.env
+        if self.devices:   # the run sees only its accelerator (as device 0)
+            env = dict(env, CUDA_VISIBLE_DEVICES=str(self.records.index(r) % self.devices))
         self.procs[r.name] = subprocess.Popen(self.command(r.name), stdout=out, stderr=subprocess.STDOUT,
-                                              start_new_session=True, env=self.env)
+                                              start_new_session=True, env=env)
         out.close()
         r.pgid, r.status = self.procs[r.name].pid, "running"
         r.segments.append([time.time(), None])
         self.log(f"bench: {'resumed' if resume else 'started'} {r.name} (log {log_path})")
 
-    def _pin(self, r: RunRecord, core: int) -> None:
+    def _pin(self, r: RunRecord, cores: list[int]) -> None:
         for pid in process_group_pids(r.pgid):
             try:
-                os.sched_setaffinity(pid, {core})
+                os.sched_setaffinity(pid, set(cores))
             except OSError:
                 pass
 
@@ -190,16 +212,16 @@ class Interleaver:
         return self.records
 
     def _schedule(self, now: float) -> None:
-        chosen = pick_active(self.records, self.slots)
+        chosen = pick_active(self.records, self.slots, self.devices)
         for r in self.records:
             if r.name not in chosen:
                 self._stop(r, now)
-        for core, name in zip(self.cores * self.slots, chosen):
+        for cores, name in zip(core_groups(self.cores, len(chosen)), chosen):
             r = self.by_name[name]
             if name not in self.procs:
                 self._start(r)
             self._cont(r, now)
-            self._pin(r, core)
+            self._pin(r, cores)
 
     def shutdown(self) -> None:
         """Kill every run (an interrupted benchmark); bench.json keeps what they had done."""

@@ -2,13 +2,17 @@
 
     dsvit bench throughput [--model vit_small_patch16_224 --model vit_base_patch16_224] [--batch B]
                            [--rounds R] [--methods baseline toe pss token_pruning growth stack]
-                           [--device cpu|cuda] [--dtype fp32|bf16] [--peak-tflops F] [--out FILE.md]
+                           [--device cpu|cuda] [--ds-config auto|NAME] [--dtype fp32|bf16]
+                           [--peak-tflops F] [--out FILE.md] [--json FILE]
 
-What it measures: for each model and each stage of each method, one training step (forward,
-cross-entropy, backward, AdamW step) on one random batch of a real model built by dsvit
+What it measures: for each model and each stage of each method, one training step of the DeepSpeed
+engine a run builds (``setup.build_engine`` on the recipe's DeepSpeed JSON, resolved for the device
+as a run resolves it: ``zero1-bf16`` on a GPU with bf16, ``zero0`` fp32 on CPU; ``--ds-config`` and
+``--dtype`` override): forward in the engine's dtype, fp32 cross-entropy, ``engine.backward``,
+``engine.step`` (timm's AdamW groups), on one random batch of a real model built by dsvit
 (``build_model``: timm ViT + token stage), the method's own plugin hooks on the token stage: ToE
 (``TokenExpansion`` fixed at a stage), PSS (``pss.inference_hook`` at each keep rate of its
-schedule), the token level (``TokenPruning`` at its final keep rate), growth (a model of the stage's
+schedule), the token level (``TokenPruning`` at its final keep rate), growth (an engine of the stage's
 depth, ``dynamic_img_size``, the batch resized to the stage's resolution inside the step, as the plugin
 does). The settings come from a recipe (``--recipe``, default ``stack``: growth 4 stages 6/8/10/12 of
 12 blocks at 112/144/192/224 px for a 224/16 model, ToE keep 0.5/0.75/1.0 from 0/0.625/0.875 of the
@@ -27,30 +31,33 @@ reduction. The "whole run" row of a method weights its stages by their share of 
 (growth's stage starts, ToE's stage_starts, PSS's cyclic schedule): speed-up = baseline time / the
 share-weighted mean step time, the per-step speed-up a full run would see.
 
-On CUDA (``--dtype bf16`` by default: autocast, fp32 weights and AdamW; DeepSpeed's bf16 mode keeps bf16
-weights, so this is close to, not the same as, a run) the table also gives model FLOPs utilisation =
-3 x 2 x MACs x images/s / peak. The peak is ``--peak-tflops`` if given (any dtype), else, for bf16, the
+On CUDA the table also gives model FLOPs utilisation = 3 x 2 x MACs x images/s / peak. The peak is ``--peak-tflops`` if given (any dtype), else, for bf16, the
 dense bf16 peak of the device's exact name in ``PEAK_BF16_TFLOPS`` (NVIDIA's datasheets: an H100 PCIe
 or NVL is not an SXM part); a name not in the table gets no MFU and a note asking for
 ``--peak-tflops``. The device name, the peak and where it came from, torch and timm versions and the
-dtype head the table. The CUDA path has not been run on dsvit's development box (no GPU there).
+dtype head the table. The CUDA path has not been run yet (no GPU lent to dsvit's development so far).
 
 What it does not do: train to convergence or say anything about accuracy (``dsvit bench run`` does);
 the token level is timed at its final rate (its warm-up and anneal over the first ~37 % of a run are
-ignored, so the whole-run rows of token_pruning and stack slightly overstate); engine overhead
-(DeepSpeed, data loading, rebuilds) is left out. Never required by tests or CI.
+ignored, so the whole-run rows of token_pruning and stack slightly overstate); data loading,
+logging and rebuilds are left out (``dsvit bench run`` times runs end to end). One process, a world
+of one: gradient reduction across ranks is not in the step. Never required by tests or CI.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import statistics
 import time
 from bisect import bisect_right
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from dsvit.errors import ConfigError
 
 MODELS = ("vit_small_patch16_224", "vit_base_patch16_224")
 METHODS = ("baseline", "toe", "pss", "token_pruning", "growth", "stack")
@@ -146,27 +153,41 @@ def plan(methods: list[str], pc: dict, mcfg) -> dict:
 
 
 class Runner:
-    """Models (one per depth / dynamic size), their AdamW, one batch; runs a Key's training step."""
+    """One DeepSpeed engine per model (depth, dynamic size), built as a run builds it
+    (``setup.build_engine`` on the completed DeepSpeed JSON: timm's AdamW groups, the JSON's ZeRO
+    stage and precision); a Key's training step is the trainer's: the input cast to the engine's
+    dtype, fp32 log-softmax loss, ``engine.backward``, ``engine.step``."""
 
-    def __init__(self, mcfg, pc: dict, batch: int, classes: int, device, dtype: str):
-        self.mcfg, self.pc, self.classes, self.device = mcfg, pc, classes, device
-        self.dtype = torch.bfloat16 if dtype == "bf16" else None
-        self.models: dict = {}
+    def __init__(self, mcfg, pc: dict, cfg, classes: int, device):
+        from dsvit.engine.setup import complete_ds_config, model_dtype
+        self.mcfg, self.pc, self.cfg, self.classes, self.device = mcfg, pc, cfg, classes, device
+        self.ds_config = complete_ds_config(cfg, world_size=1)
+        self.dtype = model_dtype(self.ds_config)
+        self.engines: dict = {}
         self.toe: dict = {}
         g = torch.Generator().manual_seed(0)
+        batch = cfg.train.batch_size
         self.x = torch.randn(batch, 3, mcfg.img_size, mcfg.img_size, generator=g).to(device)
         self.y = torch.randint(0, classes, (batch,), generator=g).to(device)
 
-    def model(self, depth: int, dynamic: bool):
+    def engine(self, depth: int, dynamic: bool):
+        from dsvit.engine.setup import build_engine
         from dsvit.model.vit import build_model
-        if (depth, dynamic) not in self.models:
+        if (depth, dynamic) not in self.engines:
             torch.manual_seed(0)
             cfg = dataclasses.replace(self.mcfg, depth=depth, dynamic_img_size=dynamic)
             model, stage = build_model(cfg, self.classes)
-            model.to(self.device).train()
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05)
-            self.models[(depth, dynamic)] = (model, stage, opt)
-        return self.models[(depth, dynamic)]
+            engine, _, _ = build_engine(model.to(self.device), self.cfg.train, self.ds_config, self.device)
+            engine.train()
+            self.engines[(depth, dynamic)] = (engine, stage)
+        return self.engines[(depth, dynamic)]
+
+    def close(self) -> None:
+        """Destroy every engine (the next model's are built in the same process)."""
+        from dsvit.engine.rebuild import release
+        for engine, _ in self.engines.values():
+            release(engine)
+        self.engines.clear()
 
     def hooks(self, k: Key, model, stage):
         """Register the Key's plugin hooks on ``stage``; returns a function that removes them."""
@@ -195,20 +216,19 @@ class Runner:
 
     def step(self, k: Key) -> tuple[float, float, float]:
         """One training step: (seconds, mean tokens per block, forward MACs per image)."""
-        model, stage, opt = self.model(k.depth, k.dynamic)
+        engine, stage = self.engine(k.depth, k.dynamic)
+        model = engine.module
         remove = self.hooks(k, model, stage)
         cuda = self.device.type == "cuda"
         try:
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            x = self.x if k.res == self.x.shape[-1] else F.interpolate(
+            x = self.x if k.res == self.x.shape[-1] else F.interpolate(   # growth resizes on the device
                 self.x, size=(k.res, k.res), mode="bilinear", align_corners=False)
-            with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-                loss = F.cross_entropy(model(x), self.y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            loss = F.cross_entropy(engine(x.to(self.dtype)).float(), self.y)
+            engine.backward(loss)
+            engine.step()
             if cuda:
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
@@ -256,7 +276,7 @@ def measure(model_name: str, args, device, peak_tflops) -> dict:
                                    patch_size=mcfg.patch_size or probe.patch_embed.patch_size[0])
         del probe
     pc = plugin_configs(args.recipe)
-    runner = Runner(mcfg, pc, args.batch, args.classes, device, args.dtype)
+    runner = Runner(mcfg, pc, run_config(args, device), args.classes, device)
     methods = ["baseline"] + [m for m in args.methods if m != "baseline"]
     stages = plan(methods, pc, mcfg)
     keys = list(dict.fromkeys(k for rows in stages.values() for _, _, k in rows))
@@ -271,6 +291,7 @@ def measure(model_name: str, args, device, peak_tflops) -> dict:
                 times[k].append(dt)
         if args.verbose:
             print(f"round {r}{' (warm-up)' if r == 0 else ''}: {time.strftime('%X')}", flush=True)
+    runner.close()
     med = {k: statistics.median(t) for k, t in times.items()}
     base = stages["baseline"][0][2]
     peak = peak_tflops * 1e12 if peak_tflops else None
@@ -319,7 +340,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int, default=64 if cuda else 8)
     ap.add_argument("--rounds", type=int, default=10 if cuda else 3, help="timed rounds (after one warm-up)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if cuda else "cpu")
-    ap.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: bf16 on cuda, else fp32")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
+                    help="engine precision (default: as --ds-config says; auto: bf16 on a GPU with bf16, else fp32)")
+    ap.add_argument("--ds-config", default="auto",
+                    help="DeepSpeed JSON (ds_configs/ name or path; auto: zero1-bf16 on a GPU with bf16, else zero0)")
+    ap.add_argument("--json", default="", help="also write the rows as JSON to this file")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="device peak in TFLOP/s for MFU (default: the bf16 table, by exact device name)")
     ap.add_argument("--recipe", default="stack", help="recipe whose plugins section sets the methods")
@@ -345,8 +370,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         raise SystemExit(f"throughput: --peak-tflops must be > 0 (the device's dense peak in TFLOP/s), "
                          f"got {args.peak_tflops}")
-    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    try:
+        run = run_config(args, torch.device(args.device)).run
+    except ConfigError as e:
+        raise SystemExit(f"throughput: {e}") from None
+    args.ds_config, args.dtype = run.ds_config, run.precision   # concrete from here on
     return args
+
+
+def run_config(args, device):
+    """The recipe's config as a run on ``device`` would resolve it (``ds_config``/``precision``
+    auto made concrete), with the benchmark's batch as one micro-batch of one rank."""
+    from dsvit import config as C
+    from dsvit.engine.setup import resolve_run
+    cfg = C.load_config(args.recipe)
+    run = dataclasses.replace(cfg.run, ds_config=args.ds_config, precision=args.dtype or "auto")
+    train = dataclasses.replace(cfg.train, batch_size=args.batch, grad_accum=1)
+    return dataclasses.replace(cfg, run=resolve_run(run, device), train=train)
 
 
 def main(argv: list[str]) -> int:
@@ -354,13 +394,22 @@ def main(argv: list[str]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    from dsvit.cli import init_distributed
+    from dsvit.engine.setup import use_device_numerics
+    init_distributed(None)   # DeepSpeed engines need a process group: a world of one
+    use_device_numerics(run_config(args, device).run, device)   # TF32 as a run has it
     line, peak = device_info(device, args.dtype, args.peak_tflops)
-    text = ""
+    line += f"; DeepSpeed engine, {args.ds_config}"
+    text, results = "", []
     for name in args.model or MODELS:
-        t = table(measure(name, args, device, peak), line)
+        res = measure(name, args, device, peak)
+        results.append(dict(res, device=line))
+        t = table(res, line)
         print(t, flush=True)
         text += t + "\n"
     if args.out:
         with open(args.out, "a") as f:
             f.write(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
