@@ -230,3 +230,35 @@ def test_mogrow_request_takes_the_slowest_copy():
         for name, value in grown.items():
             assert torch.equal(value, old[surgery.source_name(name, src)]), name
     assert request.optimizer_state == "carry"
+
+
+class CopiesStub:
+    def remapped(self, active):
+        return active
+
+
+@pytest.mark.parametrize("quirk", [False, True])
+def test_quirk_smallest_base_changes_sampling_only_not_the_extracted_blocks(quirk):
+    """The released AutoProg samples sub-networks with the smallest candidate as base, but extracts
+    the chosen one with the current depth as base; ``quirk_smallest_base`` reproduces the sampling
+    only, so the extracted blocks are MoGrow from the current depth either way."""
+    from dsvit.engine.plugin import State
+    from dsvit.plugins.growth import ProgressiveGrowth
+    from dsvit.plugins.growth.search import Search
+    cfg = Config()
+    for kv in ("model.depth=12", "model.img_size=32", "model.patch_size=4", "plugins.growth.mode=auto",
+               "plugins.growth.cost=flops", f"plugins.growth.quirk_smallest_base={str(quirk).lower()}"):
+        cfg = apply_override(cfg, kv)
+    plugin = ProgressiveGrowth(cfg.plugins["growth"], cfg)
+    cands = [(32, 8), (32, 10), (32, 12)]
+    plugin.search = Search(stage=1, base=6, max_depth=12, cands=cands, start=0, end=10, points=[5],
+                           losses=[[1.0, 1.0, 1.0]])   # equal losses: the cheapest candidate wins
+    plugin.depth, plugin.resolution, plugin.copies = 12, 32, CopiesStub()
+    plugin._costs = lambda: [8.0, 10.0, 12.0]
+    state = State(rank=0, world_size=1, logger=Logger(), num_classes=10, total_steps=100, epoch_steps=(100,))
+    state.step, state.event, state.plugin = 10, "after_step", "growth"
+    sampled = plugin.search.active(8, quirk)
+    plugin._finish_search(state)
+    assert plugin.depth == 8
+    assert state.rebuild_request.block_map == surgery.supernet_active(6, 12, 8) == plugin._pending
+    assert (sampled != surgery.supernet_active(6, 12, 8)) == quirk   # the switch did change the sampling

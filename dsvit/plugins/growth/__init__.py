@@ -25,7 +25,7 @@ chosen sub-network is extracted keeping the online supernet's weights and moment
 Where dsvit departs from the released code, and why (faithful behaviour behind a flag):
 - The current depth is the base of both sampling and extraction; the released code samples with
   the smallest candidate as base but extracts with the current depth, so the extracted network is
-  not the one scored (``quirk_smallest_base`` restores it).
+  not the one scored (``quirk_smallest_base`` restores its sampling; extraction is the same either way).
 - Choosing the supernet's full depth keeps the online supernet; the released code re-grows from
   the slow copy then (``quirk_remogrow_at_max``).
 - Candidates deeper than twice the base are dropped (MoGrow at most doubles; the original asserts).
@@ -244,7 +244,7 @@ class ProgressiveGrowth(Plugin):
                   "losses": srch.mean_losses(), "costs": costs}
         self.decisions.append(record)
         self._log_search(state, record)
-        active = srch.active(d, c.quirk_smallest_base)
+        active = srch.active(d)   # the current depth as base, also in the released code (quirk or not)
         self.search, self.resolution = None, r
         self._pending = self.copies.remapped(active)
         weights = "masters"
