@@ -2,7 +2,7 @@
 
 Configuration flows one way: ``load_config`` builds a :class:`Config` once at start, ``validate``
 checks it (errors name the key and say what to change), and components receive their own section.
-Every section is a frozen dataclass and ``Config.plugins`` a read-only mapping: a value is never
+Every section is a frozen dataclass (``dsvit.config_sections``) and ``Config.plugins`` a read-only mapping: a value is never
 changed after loading; a derived one (the data's class count) makes a new config with
 ``dataclasses.replace`` (``dsvit.engine.build.resolve``), and ``apply_override`` returns a new config.
 Plugin sections are declared by the plugins themselves (``dsvit.registry``) so this module
@@ -14,129 +14,21 @@ import dataclasses
 import difflib
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
 import yaml
 
-from dsvit.errors import ConfigError  # noqa: F401  (re-exported: C.ConfigError)
+# the sections (re-exported: C.ModelConfig, ...) and ConfigError (C.ConfigError)
+from dsvit.config_sections import (DATA_ROOT_UNSET, SECTIONS, CheckpointConfig, Config,  # noqa: F401
+                                   DataConfig, LogConfig, ModelConfig, RunConfig, TrainConfig)
+from dsvit.errors import ConfigError  # noqa: F401
 from dsvit.typed_fields import FrozenDict, set_fields, unknown_key
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 RECIPE_DIR = PACKAGE_DIR / "recipes"
 DS_CONFIG_DIR = PACKAGE_DIR.parent / "ds_configs"
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    dir: str = "runs/default"        # run directory: logs, resolved config, checkpoints
-    seed: int = 0
-    # name in ds_configs/, a path to a DeepSpeed JSON, or auto: zero1-bf16 on a GPU with bf16,
-    # zero0 elsewhere (dsvit.engine.setup.resolve_run; the resolved name is what config.yaml records)
-    ds_config: str = "auto"
-    # auto: as the DeepSpeed JSON says, else bf16 on a GPU that has it, else fp32 | fp32 | bf16 | fp16
-    precision: str = "auto"
-    tf32: bool = True                # TF32 tensor cores for fp32 matmuls/convolutions on NVIDIA GPUs
-    deterministic: bool = False      # deterministic algorithms (GPU: cuBLAS workspace; slower)
-    compile: bool = False            # torch.compile each block, dynamic shapes (model.vit.compile_blocks)
-    zero_stage: int = -1             # -1: as the DeepSpeed JSON says; else override 0..3
-    max_steps: int = -1              # stop after this many optimizer steps (-1: train.epochs)
-    overwrite: bool = False          # a fresh run in a folder holding another run moves it aside
-    collective_timeout_s: float = 600.0  # a collective stuck this long (lost/hung rank) ends the run
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    name: str = "vit_tiny_patch16_224"
-    img_size: int = 224
-    patch_size: Optional[int] = None   # None: the timm model's default
-    embed_dim: Optional[int] = None
-    depth: Optional[int] = None
-    num_heads: Optional[int] = None
-    mlp_ratio: Optional[float] = None
-    num_classes: int = 1000            # the dataset's class count overrides this when known
-    drop_path_rate: float = 0.0
-    global_pool: str = "token"
-    grad_checkpointing: bool = False
-    dynamic_img_size: bool = False     # inputs of any size divisible by the patch (one position table)
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    root: str = "synthetic"            # shard folder with _info.json, or "synthetic" (embedded dataset)
-    train_split: str = "train"
-    val_split: str = "val"
-    shards: str = ""                   # brace pattern/URLs overriding the _info.json shard list
-    mode: str = "resampled"            # resampled | partitioned
-    workers: int = 2                   # decode processes per rank, any number (the rank's process reads the streams)
-    streams: int = 8                   # virtual data streams; a multiple of every world size used (README: why 8)
-    shuffle_buffer: int = 1000
-    steps_per_epoch: int = -1          # -1: derived from sample count / global batch
-    corrupt: str = "skip"              # skip (and count) | raise
-    # timm transforms
-    hflip: float = 0.5
-    scale_min: float = 0.08
-    auto_augment: str = ""             # e.g. rand-m9-mstd0.5-inc1; "" = off
-    color_jitter: float = 0.0
-    reprob: float = 0.0
-    interpolation: str = "bicubic"
-    crop_pct: float = 0.875
-    mean: tuple = (0.485, 0.456, 0.406)
-    std: tuple = (0.229, 0.224, 0.225)
-    synthetic_train: int = 10000       # embedded dataset sizes
-    synthetic_val: int = 2000
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 128              # global batch per optimizer step (all ranks, all micro-steps)
-    grad_accum: int = 1
-    eval_batch_size: int = 256         # global
-    lr: float = 1e-3
-    min_lr: float = 1e-5
-    warmup_lr: float = 1e-6
-    warmup_epochs: float = 1.0
-    weight_decay: float = 0.05
-    betas: tuple = (0.9, 0.999)
-    clip_grad: float = 0.0             # 0: off; written into the DeepSpeed config
-    label_smoothing: float = 0.1
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    mixup_prob: float = 1.0
-    ema_decay: float = 0.0             # 0: no EMA
-    eval_every_epochs: int = 1
-
-
-@dataclass(frozen=True)
-class CheckpointConfig:
-    every_steps: int = 0               # 0: only at epoch ends
-    every_epochs: int = 1
-    keep_last: int = 2
-    resume: str = ""                   # "" | auto | path to a checkpoint tag directory
-
-
-@dataclass(frozen=True)
-class LogConfig:
-    every_steps: int = 10
-    tensorboard: bool = True
-    progress: bool = True
-    image_every_steps: int = 0         # plugins' image grids; 0 = off
-
-
-@dataclass(frozen=True)
-class Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    plugins: dict = field(default_factory=lambda: FrozenDict())   # name -> plugin config dataclass
-
-
-SECTIONS = [f.name for f in fields(Config)]
 
 
 # ---------------------------------------------------------------- building
@@ -170,8 +62,45 @@ def _set_plugin(cfg: Config, name: str, values: dict) -> Config:
     return dataclasses.replace(cfg, plugins=FrozenDict({**cfg.plugins, name: section}))
 
 
+def timm_architecture(name: str) -> dict:
+    """The shape of timm's model ``name`` as ModelConfig fields, read off the model built on the meta
+    device (no memory, no initialisation); {} for a name timm does not know (validate reports it)."""
+    import timm
+    import torch
+    if not timm.is_model(name):
+        return {}
+    with torch.device("meta"):
+        m = timm.create_model(name, pretrained=False)
+    blocks = getattr(m, "blocks", None)
+    if blocks is None or not hasattr(m, "patch_embed"):
+        return {}
+    embed = m.embed_dim
+    return dict(img_size=int(m.patch_embed.img_size[0]), patch_size=int(m.patch_embed.patch_size[0]),
+                embed_dim=int(embed), depth=len(blocks), num_heads=int(blocks[0].attn.num_heads),
+                mlp_ratio=blocks[0].mlp.fc1.out_features / embed)
+
+
+def name_architecture(before: Config, after: Config, keys_set) -> Config:
+    """A layer of configuration (a recipe, or the command line's overrides) that names another
+    ``model.name`` gets that timm model's own architecture: the shape fields earlier layers set
+    (a base recipe's depth, width, patch, input size) become the model's, unless this same layer
+    sets them too. Otherwise ``--config stack model.name=vit_small_patch16_224`` would silently
+    train the recipe's 4-block toy under a new name. The values are filled in, so config.yaml and
+    the plugins (growth needs the depth) see the architecture that trains."""
+    if after.model.name == before.model.name:
+        return after
+    own = {k: v for k, v in timm_architecture(after.model.name).items() if k not in keys_set}
+    return dataclasses.replace(after, model=dataclasses.replace(after.model, **own))
+
+
 def apply_mapping(cfg: Config, data: dict) -> Config:
     """A new config: ``cfg`` with a recipe-shaped mapping ``{section: {key: value}}`` applied."""
+    model_keys = (data or {}).get("model")
+    out = _apply_sections(cfg, data)
+    return name_architecture(cfg, out, set(model_keys)) if isinstance(model_keys, dict) else out
+
+
+def _apply_sections(cfg: Config, data: dict) -> Config:
     for section, values in (data or {}).items():
         if section not in SECTIONS:
             raise unknown_key(section, SECTIONS, "")
@@ -209,9 +138,12 @@ def apply_override(cfg: Config, item: str) -> Config:
 
 
 def apply_overrides(cfg: Config, items) -> Config:
+    """``cfg`` with command-line overrides applied, one layer (``name_architecture``)."""
+    before = cfg
     for item in items or []:
         cfg = apply_override(cfg, item)
-    return cfg
+    model_keys = {i.split("=", 1)[0].split(".", 1)[1] for i in items or [] if i.startswith("model.")}
+    return name_architecture(before, cfg, model_keys)
 
 
 def _apply_recipe(cfg: Config, name_or_path: str, seen: tuple = ()) -> Config:
@@ -237,7 +169,16 @@ def _apply_recipe(cfg: Config, name_or_path: str, seen: tuple = ()) -> Config:
 
 
 def load_config(recipe: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
-    return apply_overrides(_apply_recipe(Config(), recipe or "default"), overrides)
+    return with_requested_plugins(apply_overrides(_apply_recipe(Config(), recipe or "default"), overrides))
+
+
+def with_requested_plugins(cfg: Config) -> Config:
+    """Default sections for plugins another key asks for (``Plugin.requested_by``: e.g.
+    ``log.image_every_steps`` > 0 asks for the image grid); a section the user wrote stays as is."""
+    for name, cls in sorted(_plugin_registry().items()):
+        if name not in cfg.plugins and cls.requested_by(cfg):
+            cfg = _set_plugin(cfg, name, {})
+    return cfg
 
 
 def to_dict(cfg: Config) -> dict:
@@ -311,6 +252,12 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"train.ema_decay must be in [0, 1) (0 = off), got {t.ema_decay}")
+    if not 0 <= t.layer_decay <= 1:
+        raise ConfigError(f"train.layer_decay must be in [0, 1] (0 = off; fine-tuning uses 0.65-0.75), "
+                          f"got {t.layer_decay}")
+    if cfg.model.init and not Path(cfg.model.init).exists():
+        raise ConfigError(f"model.init '{cfg.model.init}' does not exist: give a .safetensors/.pth/.pt/.bin "
+                          f"file or a dsvit run/checkpoint folder, or model.init='' (random init; a resume needs none)")
     per = world_size * t.grad_accum
     if t.batch_size % per:
         raise ConfigError(
@@ -328,6 +275,16 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"data.mode must be resampled or partitioned, got '{cfg.data.mode}'")
     if cfg.data.corrupt not in ("skip", "raise"):
         raise ConfigError(f"data.corrupt must be skip or raise, got '{cfg.data.corrupt}'")
+    if cfg.data.root == DATA_ROOT_UNSET:
+        raise ConfigError(
+            "data.root is not set: this recipe trains on your copy of the dataset. Convert it once with "
+            "`dsvit shards imagefolder SRC OUT` (SRC/train/<class>/*.JPEG, SRC/val/<class>/*.JPEG) and "
+            "pass data.root=OUT")
+    if cfg.data.train_samples < 0:
+        raise ConfigError(f"data.train_samples must be >= 0 (0: from _info.json), got {cfg.data.train_samples}")
+    if cfg.data.repeated_aug < 1:
+        raise ConfigError(f"data.repeated_aug must be an integer >= 1 (1 = off, 3 = DeiT's repeated "
+                          f"augmentation), got {cfg.data.repeated_aug}; set data.repeated_aug=1 or 3")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
     for name, pcfg in cfg.plugins.items():

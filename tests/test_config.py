@@ -82,3 +82,17 @@ def test_infinite_lr_and_broken_yaml_are_config_errors(tmp_path):
     bad.write_text("train:\n  lr: [1,\nmodel: x\n")
     with pytest.raises(C.ConfigError, match=r"bad.yaml is not valid YAML at line \d+"):
         C.load_config(str(bad))
+
+
+def test_a_named_model_brings_its_own_architecture_unless_the_same_layer_sets_a_field():
+    """``--config stack model.name=vit_small_patch16_224`` trains ViT-S/16 at 224, not the recipe's
+    4-block toy under that name; a field set beside the name wins; a recipe's own shape stays."""
+    from dsvit.config import load_config
+    small = dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0)
+    m = load_config("stack", ["model.name=vit_small_patch16_224"]).model
+    assert {k: getattr(m, k) for k in small} == small
+    m = load_config("stack", ["model.name=vit_small_patch16_224", "model.depth=6", "model.img_size=64"]).model
+    assert (m.depth, m.img_size, m.embed_dim, m.patch_size) == (6, 64, 384, 16)
+    m = load_config("stack", ["model.depth=6"]).model       # no new name: the recipe's shape, one change
+    assert (m.name, m.depth, m.embed_dim, m.patch_size, m.img_size) == ("vit_tiny_patch16_224", 6, 128, 4, 32)
+    assert load_config("stack", ["model.name=vit_base_patch16_384"]).model.img_size == 384

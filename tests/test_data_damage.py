@@ -277,3 +277,41 @@ def test_npz_object_array_named(tmp_path, key):
     args = parser.parse_args(["shards", "npz", str(tmp_path / "d.npz"), str(tmp_path / "o"), "--split", "train"])
     with pytest.raises(SystemExit, match=f"array '{key}' in .*d.npz has dtype object"):
         args.func(args)
+
+
+# ------------------------------------------------------------------ shards and _info.json that disagree
+def _append_members(dst, src, count):
+    """Append the first ``count`` samples of tar ``src`` to tar ``dst`` (as another writer would)."""
+    import tarfile
+    with tarfile.open(src) as t:
+        members = [(m, t.extractfile(m).read()) for m in t.getmembers() if m.isfile()]
+    keys = sorted({m.name.split(".", 1)[0] for m, _ in members})[:count]
+    with tarfile.open(dst, "a") as t:
+        for m, data in members:
+            if m.name.split(".", 1)[0] in keys:
+                import io
+                t.addfile(m, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("extra", ["other shard's samples", "its own sample again"])
+@pytest.mark.parametrize("corrupt", ["skip", "raise"])
+def test_a_shard_holding_more_than_info_lists_is_refused_naming_it(root, extra, corrupt):
+    src = "train-000002.tar" if extra == "other shard's samples" else "train-000001.tar"
+    _append_members(shard(root, "train-000001.tar"), shard(root, src), 2)
+    for mode in ("partitioned", "resampled"):
+        with pytest.raises(RuntimeError, match=r"shard .*train-000001.tar holds .*the shards and _info.json "
+                                               r"disagree.*dsvit shards verify"):
+            list(finished(train(root, mode=mode, corrupt=corrupt).epoch_batches(0)))
+
+
+def test_a_label_outside_the_class_list_is_refused_naming_the_sample(root):
+    path = shard(root, "_info.json")
+    info = json.loads(path.read_text())
+    info["class_names"] = info["class_names"][:2]
+    info.pop("num_classes", None)
+    path.write_text(json.dumps(info))
+    with pytest.raises(RuntimeError, match=r"sample \d+ has class \d+, but _info.json lists 2 classes \(0..1\).*"
+                                           r"dsvit shards verify"):
+        list(finished(train(root).epoch_batches(0)))
+    with pytest.raises(RuntimeError, match="but _info.json lists 2 classes"):
+        list(evaldata(root).batches())

@@ -142,3 +142,34 @@ def test_evaluating_host_images_equals_evaluating_the_finished_floats(shards_96_
     floats = evaluate_model(model, finished(ed.batches()), torch.device("cpu"))
     assert {k: host[k] for k in ("top1", "top5", "loss", "samples")} == \
         {k: floats[k] for k in ("top1", "top5", "loss", "samples")} and host["samples"] == 50
+
+
+def test_decode_size_crops_the_same_samples_once_at_the_smaller_size(shards_96_50):
+    """``set_decode_size`` (growth's early stages): the same samples in the same order, each cropped
+    and resampled once to the smaller size. With a crop that is the whole image (scale 1, no flip)
+    every image equals the source resized by PIL straight to that size (bicubic); the batches do not
+    depend on the worker count."""
+    import glob
+    import io
+    import numpy as np
+    from PIL import Image
+    from dsvit.data.tar_reader import iter_shard
+    sources = {int(k.rsplit("/", 1)[-1]): s["png"] for url in sorted(glob.glob(f"{shards_96_50}/train-*.tar"))
+               for k, s in iter_shard(url)}
+
+    def epoch(workers, size=None):
+        td = train(shards_96_50, workers, scale_min=1.0, hflip=0.0)
+        if size:
+            td.set_decode_size(size)
+        parts = [(x.pixels, y, u) for x, y, u in td.epoch_batches(0)]
+        return [torch.cat(t) for t in zip(*parts)]
+    full, small = epoch(0), epoch(0, 8)
+    assert small[0].shape[1:] == (3, 8, 8) and full[0].shape[1:] == (3, 16, 16)
+    assert torch.equal(small[1], full[1]) and torch.equal(small[2], full[2])
+    for img, uid in zip(small[0], small[2].tolist()):
+        with Image.open(io.BytesIO(sources[uid])) as src:
+            want = np.asarray(src.convert("RGB").resize((8, 8), Image.BICUBIC))
+        assert np.array_equal(img.permute(1, 2, 0).numpy(), want), uid
+    assert all(torch.equal(a, b) for a, b in zip(epoch(2, 8), small))
+    with pytest.raises(ValueError, match="decode size 32 must be in"):
+        train(shards_96_50, 0).set_decode_size(32)

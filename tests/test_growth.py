@@ -262,3 +262,41 @@ def test_quirk_smallest_base_changes_sampling_only_not_the_extracted_blocks(quir
     assert plugin.depth == 8
     assert state.rebuild_request.block_map == surgery.supernet_active(6, 12, 8) == plugin._pending
     assert (sampled != surgery.supernet_active(6, 12, 8)) == quirk   # the switch did change the sampling
+
+
+class DataRecorder:
+    def __init__(self):
+        self.sizes = []
+
+    def set_decode_size(self, size):
+        self.sizes.append(size)
+
+    def set_augmentation(self, auto_augment, reprob):
+        pass
+
+
+@pytest.mark.parametrize("mode", ["manual", "auto"])
+def test_growth_crops_each_epoch_at_the_largest_resolution_the_epoch_trains_at(mode):
+    """A manual schedule crops the data at the largest stage resolution any step of the epoch uses
+    (the device resizes only across a stage start inside an epoch); AutoProg's resolutions are
+    decided by its searches, so it leaves the crops at the full size."""
+    from dsvit.engine.plugin import State
+    from dsvit.plugins.growth import ProgressiveGrowth
+    cfg = Config()
+    for kv in ("model.depth=4", "model.img_size=32", "model.patch_size=4", "model.embed_dim=16",
+               "model.num_heads=2", f"plugins.growth.mode={mode}", "plugins.growth.search_length=0.2",
+               "plugins.growth.search_batches=2"):
+        cfg = apply_override(cfg, kv)
+    plugin = ProgressiveGrowth(cfg.plugins["growth"], cfg)
+    model, stage = build_model(dataclasses.replace(cfg.model, **plugin.architecture()), 10)
+    data = DataRecorder()
+    state = State(rank=0, world_size=1, model=model, token_stage=stage, logger=Logger(), data=data,
+                  num_classes=10, total_steps=100, epoch_steps=(20,) * 5)
+    plugin.on_fit_start(state)
+    for epoch in range(5):
+        state.epoch = epoch
+        plugin.on_epoch_start(state)
+    res = [row.resolution for row in plugin.table]
+    assert [row.start for row in plugin.table] == [0, 25, 50, 75] and res == [16, 20, 28, 32]
+    # epochs of steps 0-19, 20-39 (stages 1-2), 40-59 (2-3), 60-79 (3-4), 80-99
+    assert data.sizes == ([16, 20, 28, 32, 32] if mode == "manual" else [])

@@ -1,6 +1,6 @@
 """Write shard datasets: same as `dsvit shards {imagefolder,npz,synthetic} ...`.
 
-    python tools/make_shards.py imagefolder SRC_DIR OUT_DIR [--split NAME]
+    python tools/make_shards.py imagefolder SRC_DIR OUT_DIR [--split NAME] [--val-labels FILE ...]
     python tools/make_shards.py npz FILE.npz OUT_DIR --split NAME --images KEY --labels KEY
 """
 import argparse

@@ -25,6 +25,9 @@ class MemoryTrainData:
     def set_augmentation(self, auto_augment: str, reprob: float) -> None:
         """In-memory samples are used as stored: there is no augmentation to change."""
 
+    def set_decode_size(self, size: int) -> None:
+        """In-memory samples are used as stored (a resolution plugin resizes them on the device)."""
+
     def set_keep_set(self, keep) -> None:
         """Train on the samples whose ``keep[uid]`` is true from the next epoch on (None: all)."""
         self.keep = None if keep is None else torch.as_tensor(keep, dtype=torch.bool)

@@ -21,7 +21,9 @@ are uint8 ``HostImages`` (pinned on an accelerator), normalised and erased on th
   number of samples as one pass over the data, drawn at random.
 
 In both modes an epoch has the same length and the same global batches at any world size (with S
-fixed): only which rank decodes which chunk changes.
+fixed): only which rank decodes which chunk changes. With ``data.repeated_aug = R`` each stream
+emits every sample R times in a row (``dsvit.data.stream``): the same micro-batch count, so an
+epoch sees 1/R of the distinct samples, each R times, as DeiT's repeated augmentation does.
 
 Resume semantics: ``epoch_batches(epoch, skip_batches=k)`` yields exactly batches k..B-1 of what
 ``epoch_batches(epoch)`` yields (equal tensors): each stream is rebuilt and its first ``k * chunk``
@@ -141,6 +143,7 @@ class TrainData:
         self.seed, self.multiple, self.img_size = seed, max(1, batches_multiple), img_size
         self.urls, self.lengths, self.starts = _split_shards(cfg, info, cfg.train_split)
         self.num_samples = int(info["splits"][cfg.train_split]["num_samples"])
+        self.classes = num_classes(info)   # every label is checked against it
         self.streams = streams = cfg.streams
         check_streams(streams, world_size, local_batch * world_size)
         self.chunk = local_batch * world_size // streams
@@ -154,7 +157,7 @@ class TrainData:
                 f"{max(1, self.num_samples // (streams * 4))}` (4 shards per stream), lower data.streams "
                 f"(a multiple of the world size {world_size}) or use data.mode=resampled")
         self.normalize = BatchNormalize(cfg.mean, cfg.std)
-        self.augmentation = (cfg.auto_augment, cfg.reprob)
+        self.augmentation = (cfg.auto_augment, cfg.reprob, img_size)
         self._counters = dict.fromkeys(TRAIN_COUNTERS, 0)
         self.set_keep_set(None)
         # made at the first epoch (its workers live as long as this object); see epoch_batches
@@ -164,7 +167,17 @@ class TrainData:
         """Train with another RandAugment policy string and random-erasing probability from the next
         ``epoch_batches`` call on (a plugin's per-stage regularisation); the config is not changed.
         The policy travels with each micro-batch to the workers, which build its transform once."""
-        self.augmentation = (auto_augment, float(reprob))
+        self.augmentation = (auto_augment, float(reprob), self.augmentation[2])
+
+    def set_decode_size(self, size: int) -> None:
+        """Crop training images to ``size`` px from the next ``epoch_batches`` call on (a plugin
+        training at a lower input resolution): the random resized crop draws its box from the
+        source image whatever the output size, so the crops are those of the full size, resampled
+        once to ``size`` instead of twice (to the full size, then down on the device), and
+        augmentation and the copy to the device work on fewer pixels. Evaluation is unchanged."""
+        if not 0 < size <= self.img_size:
+            raise ValueError(f"decode size {size} must be in [1, {self.img_size}] (the model's input size)")
+        self.augmentation = self.augmentation[:2] + (int(size),)
 
     def set_keep_set(self, keep):
         if keep is not None:
@@ -211,7 +224,7 @@ class TrainData:
             seed=self.seed, epoch=epoch, chunk=self.chunk,
             num_batches=self.batches_per_epoch if num_batches is None else num_batches,
             skip_batches=skip_batches, shuffle_buffer=self.cfg.shuffle_buffer, corrupt=self.cfg.corrupt,
-            img_size=self.img_size)
+            img_size=self.img_size, repeats=self.cfg.repeated_aug, starts=self.starts, num_classes=self.classes)
 
     def epoch_batches(self, epoch: int, skip_batches: int = 0, num_batches: Optional[int] = None):
         """Batches skip_batches..num_batches-1 of the epoch (default: all batches_per_epoch). A
@@ -310,7 +323,8 @@ class TrainData:
 class EvalData:
     def __init__(self, cfg, info: dict, *, img_size: int, rank: int, world_size: int, local_batch: int):
         self.cfg, self.rank, self.batch, self.img_size = cfg, rank, local_batch, img_size
-        self.urls, self.lengths, _ = _split_shards(cfg, info, cfg.val_split)
+        self.urls, self.lengths, self.starts = _split_shards(cfg, info, cfg.val_split)
+        self.classes = num_classes(info)
         self.assign = _balance(self.lengths, world_size)
         # a rank's shards are dealt to its workers; each pads its last batch, and worker 0 adds the
         # padding batches that give every rank the same count
@@ -334,7 +348,8 @@ class EvalData:
         plan = StreamPlan(mode="partitioned", urls=self.urls, lengths=self.lengths, keep=None, active=None,
                           streams=((0, self.assign[self.rank]),), seed=0, epoch=0, chunk=self.batch,
                           num_batches=self.num_batches, skip_batches=0, shuffle_buffer=0,
-                          corrupt=self.cfg.corrupt, img_size=self.img_size, train=False)
+                          corrupt=self.cfg.corrupt, img_size=self.img_size, train=False, starts=self.starts,
+                          num_classes=self.classes)
         ds = EvalStream(plan, self.transform, self.cfg.mean, self.cfg.std, self.quotas)
         short = []
         for images, labels, valid, stats in eval_loader(ds, self.cfg.workers):

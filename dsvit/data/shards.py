@@ -10,6 +10,13 @@ Each split's samples are shuffled once with a fixed seed and written in that ord
 ``[sum(shard_lengths[:i]), sum(shard_lengths[:i+1]))``. The pipeline uses that to count active
 samples per shard without reading anything. Images keep their original encoded bytes unless
 re-encoding is asked for; arrays are encoded PNG (lossless) or JPEG.
+
+The output is a pure function of the records and the options: the shuffle is seeded, a write task
+(``shard_max_count`` records) ends a shard only on counts and encoded bytes, and tar members carry
+a fixed mtime (0), owner and mode. A task writes ``.SPLIT-tTASK-PART.tar.tmp`` files, and a shard
+gets its final name once it and every shard before it are complete, so a killed writer never leaves
+a half shard under a final name. That is what lets ``dsvit.data.convert`` resume a killed conversion
+and still produce the very bytes of an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ import json
 import multiprocessing as mp
 import os
 import tarfile
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 INFO_NAME = "_info.json"
+PROGRESS_NAME = "_progress.json"  # an unfinished conversion (dsvit.data.convert)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 KEY_DIGITS = 9
 
@@ -40,6 +49,11 @@ def shard_name(split: str, index: int) -> str:
 
 def uid_key(uid: int) -> str:
     return f"{uid:0{KEY_DIGITS}d}"
+
+
+def part_tmp_name(split: str, task: int, part: int) -> str:
+    """Where write task ``task`` writes its ``part``-th shard before the shard gets its final name."""
+    return f".{split}-t{task:06d}-{part:03d}.tar.tmp"
 
 
 # ---------------------------------------------------------------- _info.json
@@ -84,17 +98,19 @@ def save_info(out_dir, info: dict) -> None:
     os.replace(tmp, path)  # atomic: readers never see half a file
 
 
-def prepare_out_dir(out_dir, split: str, class_names: list[str], *, overwrite: bool,
+def prepare_out_dir(out_dir, split: str | list[str], class_names: list[str], *, overwrite: bool,
                     add_split: bool) -> dict:
-    """Check OUT_DIR may receive ``split``; return the info dict to extend.
+    """Check OUT_DIR may receive ``split`` (a name or a list of names); return the info dict to extend.
 
     add_split: an existing dataset folder may gain a new split (npz: one call per split)."""
     out = Path(out_dir)
+    splits = [split] if isinstance(split, str) else list(split)
     info = load_info(out) if out.exists() else None
     if out.exists() and any(out.iterdir()):
         if info is None and not overwrite:
             raise ShardError(f"output folder {out} exists and is not empty; pass --overwrite or pick a new folder")
         if info is not None:
+            split = next((s for s in splits if s in info.get("splits", {})), splits[0])
             has_split = split in info.get("splits", {})
             if not overwrite and (has_split or not add_split):
                 what = f"already has split '{split}'" if has_split else "already holds a dataset"
@@ -105,16 +121,22 @@ def prepare_out_dir(out_dir, split: str, class_names: list[str], *, overwrite: b
                 raise ShardError(f"{out}: class names {class_names[:5]}... differ from the dataset's "
                                  f"{info.get('class_names', [])[:5]}...; write to a new folder or pass the same --classes")
         if overwrite:
-            for p in out.glob(f"{split}-*.tar"):
-                p.unlink()
-            if not add_split:
-                for p in out.glob("*.tar"):
+            for s in splits:
+                for p in [*out.glob(f"{s}-*.tar"), *out.glob(f".{s}-t*.tar.tmp")]:
                     p.unlink()
+            for p in [out / PROGRESS_NAME] + ([] if add_split else [*out.glob("*.tar"), *out.glob(".*.tar.tmp")]):
+                p.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
+    return start_info(info, class_names, splits)
+
+
+def start_info(info: dict | None, class_names: list[str], splits: list[str]) -> dict:
+    """The info dict to extend with ``splits``: ``info`` (an existing dataset's) or a new one."""
     info = info or {"format": "dsvit-shards-1", "splits": {}}
     info["class_names"] = list(class_names)
     info["num_classes"] = len(class_names)
-    info["splits"].pop(split, None)
+    for split in splits:
+        info["splits"].pop(split, None)
     return info
 
 
@@ -145,18 +167,6 @@ def encode_pil(pil: Image.Image, fmt: str, quality: int, resize: int) -> tuple[b
     return buf.getvalue(), "png"
 
 
-def probe_file(path: str) -> str:
-    """'' if the file reads and PIL recognises it as an image, else why not (header check, no decode)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        with Image.open(io.BytesIO(data)) as im:
-            im.size  # noqa: B018  -- identifies the format from the header
-        return ""
-    except Exception as e:  # any reason a file cannot be used
-        return f"{type(e).__name__}: {e}"
-
-
 def _file_sample(path: str, enc: Encoding) -> tuple[bytes, str]:
     with open(path, "rb") as f:
         data = f.read()
@@ -179,7 +189,7 @@ def _write_task(task) -> list[tuple[str, int, int]]:
             if writer is not None:
                 writer.close()
                 parts[-1] = (parts[-1][0], count, nbytes)
-            path = os.path.join(out_dir, f".{split}-t{task_index:06d}-{len(parts):03d}.tar.tmp")
+            path = os.path.join(out_dir, part_tmp_name(split, task_index, len(parts)))
             writer, count, nbytes = wds.TarWriter(path, encoder=False, mtime=0), 0, 0  # int mtime: no pax headers, reproducible
             parts.append((path, 0, 0))
         writer.write({"__key__": uid_key(first_uid + i), ext: data,
@@ -194,50 +204,82 @@ def _write_task(task) -> list[tuple[str, int, int]]:
 def write_split(records: list, out_dir, split: str, class_names: list[str], info: dict, *,
                 enc: Encoding | None = None, shard_max_count: int = 1000,
                 shard_max_bytes: int = 256 << 20, workers: int = 1, seed: int = 0,
-                progress: bool = True, skipped: list | None = None, source: str = "") -> dict:
+                progress: bool = True, skipped: list | None = None, source: str = "",
+                log=None, save: bool = True) -> dict:
     """Shuffle ``records`` [(label, name, path-or-HWC-array)] with ``seed`` and write them as shards.
 
     Parallel over ``workers`` processes, one task per ``shard_max_count`` records (a task writes
-    more than one shard when its bytes exceed ``shard_max_bytes``). Updates and saves ``info``;
-    returns a summary dict."""
+    more than one shard when its bytes exceed ``shard_max_bytes``); the output does not depend on
+    ``workers``. ``log`` (a ``dsvit.data.convert.ConversionLog``) records every finished task and
+    says which ones an interrupted run already finished: those are not written again. Updates
+    ``info`` (and saves it unless ``save`` is false); returns a summary dict."""
     if not records:
         raise ShardError(f"split '{split}': no images to write")
     enc = enc or Encoding()
+    started = time.perf_counter()
     order = np.random.default_rng(seed).permutation(len(records))
     records = [records[i] for i in order]
     tasks = [(str(out_dir), split, t, s, records[s:s + shard_max_count], enc, shard_max_bytes)
              for t, s in enumerate(range(0, len(records), shard_max_count))]
-    results = [None] * len(tasks)
-    bar = progress_bar(len(records), f"writing {split}", progress)
-    if workers > 1 and len(tasks) > 1:
-        with mp.get_context("fork").Pool(min(workers, len(tasks))) as pool:
-            for t, res in pool.imap_unordered(_indexed_write, enumerate(tasks)):
-                results[t] = res
-                bar.update(len(tasks[t][4]))
+    finished = log.finished(split, len(tasks)) if log is not None else {}
+    results = [finished.get(t) for t in range(len(tasks))]
+    names = _FinalNames(out_dir, split, results)
+    names.advance()
+    todo = [(t, tasks[t]) for t in range(len(tasks)) if results[t] is None]
+    reused = sum(len(tasks[t][4]) for t in finished)
+    bar = progress_bar(len(records), f"writing {split}", progress, initial=reused)
+
+    def done(t, parts):
+        if log is not None:
+            log.record(split, t, [(count, size) for _, count, size in parts])
+        results[t] = parts
+        names.advance()
+        bar.update(len(tasks[t][4]))
+
+    if workers > 1 and len(todo) > 1:
+        with mp.get_context("fork").Pool(min(workers, len(todo))) as pool:
+            for t, parts in pool.imap_unordered(_indexed_write, todo):
+                done(t, parts)
     else:
-        for t, task in enumerate(tasks):
-            results[t] = _write_task(task)
-            bar.update(len(task[4]))
+        for t, task in todo:
+            done(t, _write_task(task))
     bar.close()
-    filenames, lengths, sizes = [], [], []
-    for parts in results:
-        for tmp, count, size in parts:
-            name = shard_name(split, len(filenames))
-            os.replace(tmp, Path(out_dir) / name)
-            filenames.append(name)
-            lengths.append(count)
-            sizes.append(size)
+    for stray in Path(out_dir).glob(f".{split}-t*.tar.tmp"):  # parts of a killed run's unrecorded tasks
+        stray.unlink()
+    filenames, lengths, sizes = (list(x) for x in zip(*names.shards))
     counts = Counter(label for label, _, _ in records)
+    skipped = list(skipped or [])
+    reasons = dict(sorted(Counter(why.split(":", 1)[0] for _, why in skipped).items()))
     info["splits"][split] = {
         "name": split, "num_samples": len(records), "filenames": filenames,
         "shard_lengths": lengths, "shard_bytes": sizes, "seed": seed, "source": source,
         "class_counts": [counts.get(c, 0) for c in range(len(class_names))],
-        "skipped": [s for s, _ in (skipped or [])],
+        "skipped": [s for s, _ in skipped], "skipped_reasons": reasons,
     }
-    save_info(out_dir, info)
+    if save:
+        save_info(out_dir, info)
     return {"split": split, "samples": len(records), "shards": len(filenames), "bytes": sum(sizes),
             "class_counts": dict(zip(class_names, info["splits"][split]["class_counts"])),
-            "skipped": list(skipped or [])}
+            "skipped": skipped, "skipped_reasons": reasons, "reused": reused,
+            "seconds": time.perf_counter() - started}
+
+
+class _FinalNames:
+    """Renames finished shards to ``SPLIT-NNNNNN.tar`` in order: a shard's index is known once every
+    task before it is finished (a task may write several shards), so the named shards are always a
+    complete prefix of the split."""
+
+    def __init__(self, out_dir, split: str, results: list):
+        self.out, self.split, self.results = Path(out_dir), split, results
+        self.next_task, self.shards = 0, []
+
+    def advance(self) -> None:
+        while self.next_task < len(self.results) and self.results[self.next_task] is not None:
+            for path, count, size in self.results[self.next_task]:
+                name = shard_name(self.split, len(self.shards))
+                os.replace(path, self.out / name)  # a no-op for a shard already named by a killed run
+                self.shards.append((name, count, size))
+            self.next_task += 1
 
 
 def _indexed_write(item):
@@ -245,17 +287,22 @@ def _indexed_write(item):
     return t, _write_task(task)
 
 
-def progress_bar(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool, initial: int = 0):
     from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True, initial=initial)
 
 
 def format_summary(summary: dict) -> str:
+    written = summary["samples"] - summary.get("reused", 0)
+    seconds = summary.get("seconds", 0.0)
     lines = [f"split '{summary['split']}': {summary['samples']} samples in {summary['shards']} shards, "
-             f"{summary['bytes'] / 1e6:.1f} MB",
+             f"{summary['bytes'] / 1e6:.1f} MB; wrote {written} in {seconds:.1f} s "
+             f"({written / max(seconds, 1e-9):.0f} img/s)"
+             + (f", {summary['reused']} kept from the interrupted run" if summary.get("reused") else ""),
              "  per class: " + ", ".join(f"{k}={v}" for k, v in summary["class_counts"].items())]
     if summary["skipped"]:
-        lines.append(f"  skipped {len(summary['skipped'])} unreadable files:")
+        reasons = ", ".join(f"{k}: {v}" for k, v in summary.get("skipped_reasons", {}).items())
+        lines.append(f"  skipped {len(summary['skipped'])} unreadable files ({reasons}):")
         lines += [f"    {p}: {why}" for p, why in summary["skipped"][:50]]
         if len(summary["skipped"]) > 50:
             lines.append(f"    ... and {len(summary['skipped']) - 50} more")

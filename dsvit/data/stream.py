@@ -12,6 +12,29 @@ epoch per rank however many loader workers there are, and hands each micro-batch
 one decode worker (``ReadTask``). Decoding and augmentation (``SampleDecoder``) are seeded per
 (seed, epoch, stream, g, stage), so nothing depends on the worker count either.
 
+Repeated augmentation (``data.repeated_aug = R``; Hoffer et al., "Augment Your Batch", CVPR 2020;
+Berman et al., "MultiGrain", arXiv:1902.05509; DeiT, Touvron et al., ICML 2021, trains with R = 3).
+A stream with repeats is the stream without them with every sample emitted R times in a row,
+after its shuffle buffer: the order of distinct samples is still shuffled, and the copies are
+consecutive. Chunks are then cut as above, so the epoch keeps its micro-batch count and sees the
+first 1/R of each stream's distinct samples, as DeiT's RASampler gives each rank
+len(dataset)/world_size indices of the 3x repeated permutation (DeiT also rounds down to a multiple
+of 256; dsvit's epoch is its own, rounded to train.grad_accum). Keeping the step count keeps the
+run length, the LR schedule and a data plugin's epoch plan as they are without repeats; a
+partitioned stream reads only what its epoch uses: about the first 1/R of its shards in the
+epoch's shard order. When the chunk is a multiple of R, the copies of a sample always share a
+micro-batch (hence an optimizer step); otherwise one group per chunk boundary straddles two
+consecutive micro-batches of the stream, as DeiT's groups occasionally straddle two steps. Copies differ in augmentation without any new seed: they are
+separate slots of the chunk, and the chunk's RNGs, seeded per (seed, epoch, stream, g, stage),
+draw for each slot in turn (a straddling copy is in another chunk, with other seeds); the bytes
+are decoded once per chunk. DeiT's slicing puts the copies on different GPUs; here a sample
+belongs to one stream and so to one rank. That is sound for ViTs, which have no BatchNorm: no
+forward op mixes samples, and the gradient is averaged over the global batch, so where a copy is
+computed changes the sum's rounding only. The one per-rank pairing is mixup/cutmix (timm pairs
+slot i with B-1-i): copies meet each other there only in the group, if any, that spans the middle
+of a rank's micro-batch. Resume (skip ``k * chunk`` items of the repeated stream), world size
+and worker independence hold as without repeats: nothing else changed.
+
 Evaluation (``EvalStream``): a rank's val shards are dealt to its workers (``shards[w::W]``); each
 worker batches its own samples and pads its last batch, and worker 0 adds the fully padded batches
 that give every rank the same batch count.
@@ -29,6 +52,7 @@ reached; a short shard counts once per stream and epoch.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import os
@@ -88,6 +112,9 @@ class StreamPlan:
     corrupt: str                   # "raise" or "skip"
     img_size: int                  # output size (the placeholder of a corrupt or padding slot)
     train: bool = True
+    repeats: int = 1               # data.repeated_aug: each sample emitted this many times in a row
+    starts: Optional[np.ndarray] = None   # first uid of each shard (of urls); None: not checked
+    num_classes: int = 0           # labels must lie in [0, num_classes); 0: not checked
 
 
 class _Events:
@@ -131,6 +158,8 @@ class SampleReader:
                         uid = int(key.rsplit("/", 1)[-1])
                     except ValueError:
                         raise ValueError(f"{url}: key '{key}' is not an integer uid; write shards with `dsvit shards`") from None
+                    if p.starts is not None and (got > p.lengths[i] or not p.starts[i] <= uid < p.starts[i] + p.lengths[i]):
+                        self._unlisted(i, got, key)
                     if keep is not None and not keep[uid]:
                         ev.add("filtered")
                         continue
@@ -145,6 +174,18 @@ class SampleReader:
             if not kept and p.train:
                 self.barren.add(i)
                 self._check_barren()
+
+    def _unlisted(self, i: int, got: int, key: str):
+        """A sample the shard should not hold by _info.json: more samples than listed, or a uid of
+        another shard. The uids then no longer name samples (keep sets, per-sample scores, exact
+        resume rest on them), so this is never skipped."""
+        p = self.plan
+        url, listed, first = p.urls[i], int(p.lengths[i]), int(p.starts[i])
+        what = (f"holds more than the {listed} samples {INFO_NAME} lists" if got > listed else
+                f"holds sample {key}, outside its uids {first}..{first + listed - 1} in {INFO_NAME}")
+        raise RuntimeError(f"shard {url} {what}: the shards and {INFO_NAME} disagree (a shard rewritten or "
+                           f"copied in from another dataset); re-create the dataset with `dsvit shards ... "
+                           f"--overwrite`, or check it with `dsvit shards verify {os.path.dirname(url) or '.'}`")
 
     def _short(self, i: int, got: int, err, ev: _Events):
         p = self.plan
@@ -176,7 +217,8 @@ class SampleReader:
 def stream_samples(plan: StreamPlan, sid: int, shards: Optional[list], ev: Optional[_Events] = None):
     """Stream ``sid``'s ordered, endless sequence of undecoded samples for the epoch: its shards pass
     after pass (partitioned: each pass in its own shuffled order; a pass only repeats if shards come
-    up short) or drawn with replacement (resampled), each pass through the stream's shuffle buffer."""
+    up short) or drawn with replacement (resampled), each pass through the stream's shuffle buffer,
+    each sample coming out ``plan.repeats`` times in a row (repeated augmentation)."""
     p, ev = plan, ev if ev is not None else _Events()
     if p.mode == "resampled":
         readable = np.flatnonzero(p.active > 0).tolist()
@@ -189,8 +231,18 @@ def stream_samples(plan: StreamPlan, sid: int, shards: Optional[list], ev: Optio
                   for pas in itertools.count())
     reader = SampleReader(p, readable, f"data stream {sid}")
     for pas, order in enumerate(passes):
-        yield from shuffled(reader.samples(order, ev), p.shuffle_buffer,
-                            np.random.default_rng([p.seed, p.epoch, sid, 11, pas]))
+        yield from repeated(shuffled(reader.samples(order, ev), p.shuffle_buffer,
+                                     np.random.default_rng([p.seed, p.epoch, sid, 11, pas])), p.repeats)
+
+
+def repeated(items, times: int):
+    """Each item of the generator ``items`` ``times`` times in a row; closing this closes ``items``
+    (and so the shards it reads)."""
+    if times < 1:   # validate() refuses it at start; a stream of nothing would read forever
+        raise ValueError(f"data.repeated_aug must be >= 1, got {times}")
+    with contextlib.closing(items):
+        for item in items:
+            yield from itertools.repeat(item, times)
 
 
 def shuffled(it, size: int, rng):
@@ -220,6 +272,16 @@ class SampleDecoder:
     def decode(self, uid, url, key, sample, stats):
         """(RGB PIL image, label); None for a corrupt sample in skip mode."""
         try:
+            label = int(sample["cls"])
+        except Exception:   # a missing or unreadable label member: a corrupt sample
+            label = None
+        n = self.plan.num_classes
+        if label is not None and n and not 0 <= label < n:   # the data and its _info.json disagree
+            raise RuntimeError(f"shard {url} sample {key} has class {label}, but {INFO_NAME} lists {n} classes "
+                               f"(0..{n - 1}): re-create the dataset with `dsvit shards ... --overwrite` (every "
+                               f"class a folder), or fix class_names in {INFO_NAME}; `dsvit shards verify "
+                               f"{os.path.dirname(url) or '.'}` checks every label")
+        try:
             return decode_image(sample), int(sample["cls"])
         except Exception as e:  # corrupt bytes, bad label
             if self.plan.corrupt == "raise":
@@ -227,6 +289,19 @@ class SampleDecoder:
                                    f"{recreate_hint(url, 'corrupt samples', 'corrupt_skipped')}") from e
             stats["corrupt_skipped"] = stats.get("corrupt_skipped", 0) + 1
             return None
+
+    def decode_slots(self, raw, stats) -> list:
+        """``decode`` of every slot of a chunk, a sample in several slots (repeated augmentation's
+        copies) decoded once: the stages make new images, so its slots may share it. A corrupt one
+        counts once per slot, as separate samples would."""
+        done, items = {}, []
+        for r in raw:
+            if r[0] not in done:
+                done[r[0]] = self.decode(*r, stats)
+            elif done[r[0]] is None:
+                stats["corrupt_skipped"] = stats.get("corrupt_skipped", 0) + 1
+            items.append(done[r[0]])
+        return items
 
     def augment(self, imgs, *seed):
         """uint8 [n, 3, H, W]. Each stage over the whole list before the next (decode all, crop all,
@@ -243,7 +318,7 @@ class SampleDecoder:
         """uint8 images (zeros in corrupt slots), labels, uids, corrupt mask of stream ``sid``'s
         chunk of micro-batch ``g``, augmented with the RNGs seeded per (seed, epoch, sid, g, stage)."""
         p = self.plan
-        items = [self.decode(*r, stats) for r in raw]
+        items = self.decode_slots(raw, stats)
         good = [i for i, it in enumerate(items) if it is not None]
         images = self.augment([items[i][0] for i in good], p.seed, p.epoch, sid, g) if good else None
         if len(good) < len(raw):
@@ -263,7 +338,7 @@ class ReadTask:
     epoch: int
     chunks: tuple                  # ((stream id, ((uid, url, key, sample), ...)), ...) in stream order
     stats: dict                    # stream events booked on this micro-batch
-    augmentation: tuple            # (auto_augment, reprob) of the epoch
+    augmentation: tuple            # (auto_augment, reprob, decode size) of the epoch
 
 
 def read_micro_batches(plan: StreamPlan, augmentation: tuple):

@@ -21,6 +21,9 @@ class TrainData(Protocol):
     def set_augmentation(self, auto_augment: str, reprob: float) -> None:
         """Another RandAugment policy string and random-erasing probability from the next epoch on."""
 
+    def set_decode_size(self, size: int) -> None:
+        """Crop training images to ``size`` px (at most the model's input size) from the next epoch on."""
+
     def images_by_uid(self, uids) -> torch.Tensor:
         """The stored (unaugmented) images of ``uids``, float [n, 3, H, W]."""
 
@@ -53,7 +56,8 @@ class TokenStageOps(Protocol):
 class RunLog(Protocol):
     """Rank 0 writes; the others accept and drop."""
 
-    def scalar(self, name: str, value) -> None: ...
-    def image(self, name: str, img: torch.Tensor) -> None: ...
+    # written at the next logging interval's step, or at ``step`` when given (then a python number)
+    def scalar(self, name: str, value, step: Optional[int] = None) -> None: ...
+    def image(self, name: str, img: torch.Tensor, step: Optional[int] = None) -> None: ...
     def histogram(self, name: str, values) -> None: ...
     def info(self, msg: str, *args) -> None: ...

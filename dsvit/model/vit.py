@@ -69,3 +69,16 @@ def remapped_model(model_cfg, num_classes: int, old_state: dict, src: list[int],
     model = build_plain(model_cfg, num_classes, depth=len(src), **overrides)
     model.load_state_dict(surgery.remap_state_dict(old_state, src, like=model.state_dict()))
     return model
+
+
+def describe_model(cfg: ModelConfig, model: torch.nn.Module) -> str:
+    """One line: the architecture that trains now (depth, width, heads, patch, input size) and its
+    parameter count (ZeRO-3's partitioned parameters counted whole); where a plugin starts it
+    smaller (growth), the configured full depth too."""
+    blocks = model.blocks
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    line = (f"{cfg.name}: {len(blocks)} blocks x {model.embed_dim} ({blocks[0].attn.num_heads} heads), "
+            f"patch {model.patch_embed.patch_size[0]}, {cfg.img_size} px, {params / 1e6:.2f}M parameters")
+    if cfg.depth is not None and cfg.depth != len(blocks):
+        line += f" (grows to {cfg.depth} blocks)"
+    return line

@@ -8,8 +8,12 @@ is an engine rebuild (``dsvit.engine.rebuild``): the online weights come from th
 copy grown by MoGrow's duplication map (``surgery.duplicate_last``), every momentum copy grows
 from itself, and Adam's moments are carried by source (``optimizer_state=carry``) or dropped
 (``reset``, what the released code does). Resolution is an input size only: the model is built
-with ``dynamic_img_size`` and one full-size position table, resampled per forward; the batch is
-resized on device after mixup (bilinear, no antialias, as the original).
+with ``dynamic_img_size`` and one full-size position table, resampled per forward. The loader
+crops each epoch at the largest resolution the epoch trains at (``on_epoch_start``; a manual
+schedule: the stage resolution unless a stage starts inside the epoch), so the early stages decode,
+augment and copy a quarter of the pixels; where a batch is larger than the step's resolution
+(across a stage start, AutoProg) it is resized on the device after mixup (bilinear, no antialias, as
+the original, which resizes every batch).
 
 AutoProg (``mode=auto``): at each stage start but the last, the model is grown to the deepest
 candidate (the supernet) and trained for ``search_length`` with one (resolution, depth) candidate
@@ -312,11 +316,21 @@ class ProgressiveGrowth(Plugin):
         state.token_stage.set_active_blocks(self._sampled)
 
     def on_epoch_start(self, state) -> None:
-        """Per-stage RandAugment magnitude and random erasing, fixed per epoch (the loader builds its
-        transform per epoch): those of the stage holding the epoch's first step."""
+        """Per epoch (the loader takes its transform per epoch): the per-stage RandAugment magnitude
+        and random erasing of the stage holding the epoch's first step, and, with a manual schedule,
+        images cropped at the largest resolution any step of the epoch trains at (the stage
+        resolution itself unless a stage starts inside the epoch; steps at a lower one are resized
+        on the device, as before). AutoProg's resolutions are decided by its searches, so it keeps
+        full-size crops."""
+        first = sum(state.epoch_steps[:state.epoch])
+        if self.cfg.mode != "auto" and self.dynamic:
+            e = state.epoch
+            end = first + (state.epoch_steps[e] if e < len(state.epoch_steps) else state.steps_per_epoch)
+            state.data.set_decode_size(max(row.resolution for i, row in enumerate(self.table)
+                                           if row.start < end and (i + 1 == len(self.table)
+                                                                   or self.table[i + 1].start > first)))
         if not self.cfg.augreg:
             return
-        first = sum(state.epoch_steps[:state.epoch])
         row = self.table[S.stage_of(first, self.starts)]
         state.data.set_augmentation(stage_augment(self.data_cfg.auto_augment, row.magnitude), row.reprob)
 
