@@ -9,7 +9,7 @@ else to do:
   one (ZeRO 0, fp32) loads as it is. DeepSpeed's ZeRO-3 universal loader gives every parameter group
   the first group's hyper-parameters (``stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3``,
   DeepSpeed 0.19.8): the no-decay group would get weight decay. ``restore_group_settings`` puts each
-  group's own weight decay back (tested).
+  group's own weight decay (and layer decay's ``lr_scale``) back (tested).
 * progress and replicated plugin states: rank 0's files, as on the same world size. The run length
   and the batches do not depend on the world size (``dsvit.data.pipeline``: the global batch is made
   of ``data.streams`` streams), so the run continues with the very samples it would have trained on:
@@ -94,17 +94,21 @@ def rank_plugin_states(resume: ResumePoint, plugins, rank: int, world_size: int)
     return plugins.reshard_rank_states(every, rank, world_size)
 
 
+GROUP_SETTINGS = ("weight_decay", "lr_scale")   # what dsvit sets per group (lr_scale: layer decay)
+
+
 def group_settings(optimizer) -> list:
-    """Each parameter group's weight decay, as dsvit built it (see ``restore_group_settings``)."""
-    return [g["weight_decay"] for g in optimizer.param_groups]
+    """Each parameter group's weight decay and LR scale, as dsvit built them (see
+    ``restore_group_settings``)."""
+    return [{k: g[k] for k in GROUP_SETTINGS if k in g} for g in optimizer.param_groups]
 
 
 def restore_group_settings(optimizer, settings: list) -> None:
     """Undo two flaws of DeepSpeed's ZeRO-3 universal loader (0.19.8): every group gets the first
     group's hyper-parameters, and every group's Adam state gets the *same* ``step`` tensor object,
     which torch's Adam then increments once per group and step (bias corrections drift)."""
-    for g, wd in zip(optimizer.param_groups, settings):
-        g["weight_decay"] = wd
+    for g, built in zip(optimizer.param_groups, settings):
+        g.update(built)
     for st in optimizer.state.values():
         if torch.is_tensor(st.get("step")):
             st["step"] = st["step"].clone()

@@ -102,12 +102,28 @@ def build_engine(model: torch.nn.Module, train: C.TrainConfig, ds_config: dict, 
     """A DeepSpeed engine around ``model`` with timm's AdamW (DeepSpeedCPUAdam under optimizer
     offload): weight-decay groups by timm's rule (no decay for 1-D tensors, biases and
     ``model.no_weight_decay()``), recomputed for every model.
-    Returns (engine, optimizer, {parameter name: weight decay})."""
+    Returns (engine, optimizer, {parameter name: weight decay}).
+
+    ``train.layer_decay`` > 0: layer-wise LR decay (ELECTRA, Clark et al. 2020; for ViT fine-tuning
+    BEiT, Bao et al. 2022, and MAE, He et al. 2022: 0.65-0.75), timm's ``param_groups_layer_decay``
+    (BEiT's rule, by the model's ``group_matcher``): the stem (patch and position embeddings, class
+    token) is layer 0, block ``i`` layer ``i + 1``, the final norm shares the last block's layer, the
+    head is layer ``depth + 1``, and each group carries ``lr_scale = layer_decay ** (depth + 1 -
+    layer)``, which timm's schedulers multiply into the group's LR (``lr_schedule``). The scales come
+    from the model being wrapped; growth, which would change the depth and so every scale, is refused
+    with layer decay (``plugins.growth``'s validate). DeepSpeed's ZeRO 1-3 wrappers step the client
+    optimizer's own group dicts, one flat partition per group, so the scaled LRs act at every stage
+    (``tests/test_finetune.py`` measures each parameter's first update); through rebuilds the
+    optimizer state is carried by parameter name whatever the groups, and a resume through ZeRO-3's
+    universal loader gets each group's ``lr_scale`` back (``resume.restore_group_settings``). Groups
+    are ordered by falling ``lr_scale`` (a stable sort; without layer decay nothing moves): group 0,
+    whose LR the trainer logs, then runs at the schedule's own LR."""
     import deepspeed
     import timm.optim
     optimizer = timm.optim.create_optimizer_v2(
         model, "adamw", lr=train.lr, weight_decay=train.weight_decay, betas=tuple(train.betas),
-        foreach=device.type == "cuda")
+        foreach=device.type == "cuda", layer_decay=train.layer_decay or None)
+    optimizer.param_groups.sort(key=lambda g: -g.get("lr_scale", 1.0))   # before any state exists
     zero = ds_config.get("zero_optimization", {})
     if (zero.get("stage", 0) > 0 and zero.get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
             and ds_config.get("zero_force_ds_cpu_optimizer", True)):
@@ -117,7 +133,8 @@ def build_engine(model: torch.nn.Module, train: C.TrainConfig, ds_config: dict, 
         # vectorised for the CPU, here with timm's groups and hyper-parameters. Its first use
         # JIT-builds the cpu_adam op into ~/.cache/torch_extensions (138 s on 2 cores, once).
         from deepspeed.ops.adam import DeepSpeedCPUAdam
-        optimizer = DeepSpeedCPUAdam([{"params": g["params"], "weight_decay": g["weight_decay"]}
+        optimizer = DeepSpeedCPUAdam([{"params": g["params"], "weight_decay": g["weight_decay"],
+                                       "lr_scale": g.get("lr_scale", 1.0)}
                                       for g in optimizer.param_groups],
                                      lr=train.lr, betas=tuple(train.betas), adamw_mode=True)
     names = {id(p): n for n, p in model.named_parameters()}

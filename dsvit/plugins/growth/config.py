@@ -50,6 +50,17 @@ class GrowthConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {allowed}, got '{getattr(self, key)}'")
+        if self.enabled and cfg.model.init:
+            # growth starts from a shallow, small-input model and grows it; a pretrained full-depth
+            # model has nothing to grow into (and every stage change would rebuild it around it)
+            raise ConfigError(f"cannot start from model.init='{cfg.model.init}': growth trains a shallow "
+                              f"model and grows it to model.depth, pretrained weights are already full "
+                              f"depth; fine-tune without growth (plugins.growth.enabled=false)")
+        if self.enabled and cfg.train.layer_decay:
+            # layer decay's per-layer LR scales are a function of the depth, which growth changes
+            raise ConfigError(f"train.layer_decay={cfg.train.layer_decay} cannot be used with growth: its "
+                              f"per-layer LR scales depend on the depth, which growth changes; set "
+                              f"train.layer_decay=0 or plugins.growth.enabled=false")
         if cfg.model.depth is None:
             raise ConfigError("needs model.depth (the full depth to grow to); set it in the recipe")
         if self.stages < 1:
