@@ -13,7 +13,6 @@ here once and passed down.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import socket
 import sys
@@ -69,25 +68,43 @@ def _release_shm_buffer_name(rank: int) -> None:
 
 def cmd_train(args) -> int:
     cfg = C.load_config(args.config, args.overrides)
+    if args.check:   # the plan only: no distributed world, no DeepSpeed, no data read
+        from dsvit.bench.timeline import describe
+        from dsvit.engine.plan import make_plan
+        from dsvit.registry import build_plugins
+        world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        print("\n".join(make_plan(cfg, world_size, build_plugins, describe).lines))
+        return 0
     if cfg.run.deterministic:   # read by cuBLAS when CUDA starts: before anything touches the GPU
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     world = init_distributed(args)
     C.validate(cfg, world.world_size)
-    from dsvit.engine import failure
+    from dsvit.engine import failure, preemption
+    from dsvit.engine.disk_space import CheckpointWriteError
     from dsvit.engine.trainer import Trainer
     from dsvit.registry import build_plugins
     failure.set_collective_timeout(cfg.run.collective_timeout_s)
     run_dir = Path(cfg.run.dir)
     peers = failure.Peers(world) if world.world_size > 1 else None
+    stop = preemption.StopSignals(world.world_size)   # SIGTERM/SIGUSR1: checkpoint, exit 128+signal
     try:
-        trainer = Trainer(cfg, world, build_plugins(cfg))
+        trainer = Trainer(cfg, world, build_plugins(cfg), stop_signals=stop)
         metrics = trainer.fit()
+    except preemption.Preempted as p:   # every rank, after the checkpoint is complete
+        if world.rank == 0:
+            print(p.line, file=sys.stderr, flush=True)
+        return p.exit_status
+    except CheckpointWriteError as e:   # a full disk: one line (every rank has it; rank 0 says it)
+        if world.rank == 0:
+            print(f"dsvit: {e}", file=sys.stderr)
+        return 1
     except RuntimeError as e:   # torch.distributed's errors are RuntimeErrors
         line = failure.explain(e, peers, cfg, world.rank)
         if line is None:
             raise
         failure.exit_now(line)
     finally:
+        stop.restore()
         if peers is not None:
             peers.stop()
     if world.rank == 0:
@@ -130,25 +147,9 @@ def _dest(plugin: str, key: str) -> str:
 
 
 def cmd_export(args) -> int:
-    from dsvit.engine.export import export_safetensors, resolve_tag
-    tag_dir = resolve_tag(Path(args.run_dir), args.tag)
-    out = export_safetensors(tag_dir, Path(args.out), ema=args.ema)
-    cfg = C.from_dict(__import__("yaml").safe_load((Path(args.run_dir) / "config.yaml").read_text()))
-    from dsvit.engine.checkpoint import read_marker
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
-                                                             **read_marker(tag_dir).get("architecture", {})))
-    print(f"wrote {out} from {tag_dir}{' (EMA)' if args.ema else ''}\nload it with: "
-          f"timm.create_model('{cfg.model.name}', pretrained=True, "
-          f"pretrained_cfg_overlay=dict(file='{out}', num_classes={cfg.model.num_classes}), "
-          f"**{_model_kwargs(cfg)})")
+    from dsvit.engine.export import export
+    print(export(Path(args.run_dir), Path(args.out), tag=args.tag, ema=args.ema))
     return 0
-
-
-def _model_kwargs(cfg) -> dict:
-    from dsvit.model.vit import timm_kwargs
-    kw = timm_kwargs(cfg.model, cfg.model.num_classes)
-    kw.pop("drop_path_rate", None)
-    return kw
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a ViT", formatter_class=fmt, epilog=_epilog())
     p.add_argument("--config", "-c", default="default", help="recipe name or YAML path")
+    p.add_argument("--check", action="store_true",
+                   help="validate the recipe and overrides and print the plan (steps, schedules, memory "
+                        "per rank) without training, DeepSpeed or the data; exit 2 on a config error")
+    p.add_argument("--world-size", type=int, default=0,
+                   help="ranks to plan --check for (default: WORLD_SIZE from the launcher, else 1)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.set_defaults(func=cmd_train)
@@ -198,7 +204,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:2] == ["bench", "throughput"]:   # its own flags: argparse's REMAINDER would eat them
         from dsvit.bench.throughput import main as throughput_main
-        return throughput_main(argv[2:])
+        return throughput_main(argv[2:], lambda: init_distributed(None))
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # overrides may follow options (``eval RUN --keep-rate 0.5 data.root=...``)

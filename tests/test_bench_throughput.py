@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dsvit.bench import peaks as P
 from dsvit.bench import throughput as T
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,11 +110,11 @@ def test_no_mfu_on_cpu_and_the_real_engine(result, run):
 
 
 def test_known_peaks_and_arguments():
-    assert T.peak_for("NVIDIA H200") == T.peak_for("NVIDIA H100 80GB HBM3") == 989.0   # SXM parts
-    assert T.peak_for("NVIDIA H100 PCIe") == 756.0 and T.peak_for("NVIDIA H100 NVL") == 835.0
-    assert T.peak_for("NVIDIA A100-SXM4-80GB") == T.peak_for("NVIDIA A100 80GB PCIe") == 312.0
+    assert P.peak_for("NVIDIA H200") == P.peak_for("NVIDIA H100 80GB HBM3") == 989.0   # SXM parts
+    assert P.peak_for("NVIDIA H100 PCIe") == 756.0 and P.peak_for("NVIDIA H100 NVL") == 835.0
+    assert P.peak_for("NVIDIA A100-SXM4-80GB") == P.peak_for("NVIDIA A100 80GB PCIe") == 312.0
     # exact names only: a name that merely contains a known one is not guessed
-    assert T.peak_for("NVIDIA H100") is None and T.peak_for("NVIDIA H100 PCIe 2") is None
+    assert P.peak_for("NVIDIA H100") is None and P.peak_for("NVIDIA H100 PCIe 2") is None
     args = T.parse_args(["--device", "cpu", "--methods", "baseline,toe", "stack"])
     assert args.methods == ["baseline", "toe", "stack"] and (args.dtype, args.ds_config) == ("fp32", "zero0")
     args = T.parse_args(["--device", "cpu", "--ds-config", "zero1-bf16"])
@@ -136,7 +137,7 @@ def test_known_peaks_and_arguments():
 ])
 def test_peak_by_exact_device_name_or_the_flag(monkeypatch, capsys, name, dtype, given, peak, says):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    line, got = T.device_info(torch.device("cuda"), dtype, given)
+    line, got = P.device_info(torch.device("cuda"), dtype, given)
     assert got == peak and line.startswith(f"{name}, torch") and says in line
     if peak is None and dtype == "bf16":   # an unknown device is said once on stderr too
         assert says in capsys.readouterr().err

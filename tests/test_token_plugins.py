@@ -22,8 +22,11 @@ class FakeLogger:
     def scalar(self, name, value):
         self.scalars[name] = float(value)
 
-    def image(self, name, img):
+    def image(self, name, img, step=None):
         self.images[name] = img
+
+    def info(self, msg, *args):
+        pass
 
 
 def fit(plugins, step=0, total_steps=300, image_every=0):
@@ -98,8 +101,8 @@ def test_pss_then_toe_counts_positions_and_logging():
     pset.fire("after_forward", state)                     # no visualiser registered: nothing logged
     state.step += 1
     pset.fire("after_step", state)
-    assert state.logger.scalars == {"pss/keep_rate": 0.6, "pss/tokens": 118.0, "toe/stage": 1.0,
-                                    "toe/keep_rate": 0.5, "toe/tokens": 59.0}
+    assert state.logger.scalars == {"pss/keep_rate": 0.6, "pss/tokens_sampled": 118.0, "toe/stage": 1.0,
+                                    "toe/keep_rate": 0.5, "toe/tokens_after_merge": 59.0}
     model.eval()                                                                  # eval: full tokens
     sizes.clear()
     with torch.no_grad():

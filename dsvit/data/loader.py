@@ -12,8 +12,8 @@ round-robin to ``data.workers`` processes and returns the results in task order,
 * a micro-batch is decoded by one worker with the RNGs seeded per (seed, epoch, stream, g, stage),
   so the batches do not depend on the worker count (tests/test_data_workers.py);
 * workers are persistent (started once per run, not per epoch): a task carries what changes
-  between epochs (epoch, ``set_augmentation``'s policy), and each worker builds the transform of an
-  augmentation once;
+  between epochs (epoch, ``set_augmentation``'s policy, ``set_decode_size``'s size), and each worker
+  builds the transform of an augmentation once;
 * batches are uint8 ``HostImages``, pinned by the DataLoader's thread when an accelerator is present.
 
 The reader thread exists for latency, not throughput: a shard opened from object storage
@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import queue
+import signal
 import threading
 
 import torch
@@ -61,17 +62,17 @@ class MicroBatchDecoder(Dataset):
         self.augmentations = {}
 
     def augmentation(self, key: tuple):
-        """(transform, eraser) of (auto_augment, reprob), built once per worker."""
+        """(transform, eraser) of (auto_augment, reprob, size), built once per worker."""
         if key not in self.augmentations:
             aug = dataclasses.replace(self.cfg, auto_augment=key[0], reprob=key[1])
-            self.augmentations[key] = (build_train_transform(aug, self.plan.img_size), build_eraser(aug))
+            self.augmentations[key] = (build_train_transform(aug, key[2]), build_eraser(aug))
         return self.augmentations[key]
 
     def __getitem__(self, task: ReadTask):
         """(HostImages, labels, uids, stats) of the task's micro-batch; stats: the reader's stream
         events plus corrupt_skipped."""
         transform, eraser = self.augmentation(task.augmentation)
-        plan = dataclasses.replace(self.plan, epoch=task.epoch)
+        plan = dataclasses.replace(self.plan, epoch=task.epoch, img_size=task.augmentation[2])
         decoder = SampleDecoder(plan, transform)
         stats = dict(task.stats, corrupt_skipped=0)
         parts, erase, row = [], [], 0
@@ -165,13 +166,24 @@ class TaskFeed:
         return iter(self.tasks)
 
 
+def leave_stop_signals_to_the_rank(worker_id: int) -> None:
+    """Workers ignore SIGTERM/SIGUSR1 (torch's own handler ends a worker on a SIGTERM from anyone
+    but its parent): a scheduler signals every process of a job, DeepSpeed's launcher the rank's
+    whole tree, and the rank needs its workers to finish the step it checkpoints after
+    (``dsvit.engine.preemption``). They still end with the rank (torch's sentinel and watchdog)."""
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+
+
 def train_loader(decoder: MicroBatchDecoder, feed: TaskFeed, workers: int) -> DataLoader:
     """Persistent workers when there are any; tasks in, (HostImages, labels, uids, stats) out."""
     return DataLoader(decoder, batch_size=None, sampler=feed, num_workers=workers, collate_fn=as_is,
                       pin_memory=pin_batches(), persistent_workers=workers > 0,
-                      prefetch_factor=PREFETCH_PER_WORKER if workers > 0 else None)
+                      prefetch_factor=PREFETCH_PER_WORKER if workers > 0 else None,
+                      worker_init_fn=leave_stop_signals_to_the_rank)
 
 
 def eval_loader(ds, workers: int) -> DataLoader:
     return DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=False,
-                      pin_memory=pin_batches(), prefetch_factor=4 if workers > 0 else None)
+                      pin_memory=pin_batches(), prefetch_factor=4 if workers > 0 else None,
+                      worker_init_fn=leave_stop_signals_to_the_rank)

@@ -19,6 +19,7 @@ import torch
 
 from dsvit import config as C
 from dsvit.engine import checkpoint as ckpt
+from dsvit.engine import export
 from dsvit.engine import resume
 from dsvit.engine import run_folder
 from dsvit.engine.compose import check_composition
@@ -28,6 +29,7 @@ from dsvit.engine.plugin import State
 from dsvit.engine.plugin_set import PluginSet
 from dsvit.engine.setup import (complete_ds_config, model_dtype, resolve_run, seed_everything,
                                 use_device_numerics)
+from dsvit.model.pretrained import load_pretrained
 from dsvit.model.vit import build_model, compile_blocks, create_vit
 
 
@@ -43,11 +45,16 @@ def build(t, cfg: C.Config, world, plugins: list, train_data=None, eval_data=Non
     cfg = dataclasses.replace(cfg, run=resolve_run(cfg.run, t.device))
     use_device_numerics(cfg.run, t.device)
     seed_everything(cfg.run.seed + world.rank)
+    # the run folder is this process's from here on (released at exit); another live run's is refused
+    t.run_lock = run_folder.lock(Path(cfg.run.dir), world.rank, log)
 
     if train_data is None:
         from dsvit.data.pipeline import stream_data
         train_data, eval_data, num_classes = stream_data(cfg, world, Path(cfg.run.dir))
     t.train_data, t.eval_data, t.num_classes = train_data, eval_data, num_classes
+    if num_classes != cfg.model.num_classes and world.rank == 0:
+        log.warning("model.num_classes=%d replaced by the data's %d classes (%s): the head has one output "
+                    "per class of the data", cfg.model.num_classes, num_classes, cfg.data.root)
     # the data's class count is the effective one: filled once, into a new (frozen) config
     t.cfg = cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=num_classes))
     t.run_dir = Path(cfg.run.dir)
@@ -80,6 +87,9 @@ def build(t, cfg: C.Config, world, plugins: list, train_data=None, eval_data=Non
 
     torch.manual_seed(cfg.run.seed)   # identical initial weights on every rank
     model, t.stage = build_model(t.model_cfg, num_classes)
+    if cfg.model.init and not t.resume_tag:   # a resumed run's weights are its checkpoint's
+        load_pretrained(model, cfg.model.init, world.rank,
+                        read_run=lambda run, tag: export.load_weights(export.resolve_tag(run, tag)))
     if cfg.run.compile:
         compile_blocks(model)
     seed_everything(cfg.run.seed + world.rank)

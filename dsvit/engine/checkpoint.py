@@ -15,9 +15,22 @@ Layout under ``RUN_DIR/checkpoints/``::
     latest                   name of the newest complete tag (atomic replace)
 
 A run killed at any moment leaves at worst a tag without ``COMPLETE``; ``find_resumable`` never picks
-it, and the next successful save removes it. DeepSpeed's own ``latest`` file is not used because it
+it, and the next successful save removes it (also one of the very step it saves: another live run's
+save in progress cannot be behind it, since a run holds ``RUN_DIR/run.lock`` for its whole life,
+``dsvit.engine.run_folder``). DeepSpeed's own ``latest`` file is not used because it
 is written before the other ranks are known to have finished. A tag whose files do not have the sizes
 its marker recorded (truncated, half copied) is skipped by ``resume=auto`` with a warning.
+
+A write that fails for lack of space (``ENOSPC``, or torch's bare ``basic_ios::clear: iostream
+error`` while the disk has less free space than a checkpoint takes) ends the run with one line: the
+tag, the path, the free space, about what a tag needs (the last complete tag's size) and that the last
+complete tag is intact -- it is, since a tag counts only once ``COMPLETE`` is written after all its
+files; the unfinished tag is removed to give its space back. Every rank learns of any rank's failure
+in the collective that follows our own writes (a failure inside DeepSpeed's writer is reported the
+same way when every rank fails there, as on one shared full disk).
+
+The marker's fields other than the run's fingerprint (``Trainer.fingerprint``, compared on resume)
+are listed in ``MAY_DIFFER`` with the reason a resume may differ in them.
 
 Trust: dsvit's own files hold tensors, numbers and strings only and load with
 ``torch.load(weights_only=True)``; ``dsvit eval``/``export`` read only those and the safetensors
@@ -39,9 +52,26 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dsvit.engine import disk_space as space
+
 MARKER = "COMPLETE"
 RUN_STATE = "dsvit_state.pt"
 UNIVERSAL = "universal"
+# marker fields a resume may differ in, and why; every other field is the fingerprint, compared
+MAY_DIFFER = {
+    "run_id": "the run's identity: a resume adopts it",
+    "world_size": "a run resumes on any number of ranks (dsvit.engine.resume: the batches do not "
+                  "depend on it)",
+    "step": "where the run stands, not what it is",
+    "tag": "where the run stands, not what it is",
+    "files": "what the tag holds, checked by problems()",
+}
+# the setting that changes each fingerprint field, for the refusal's fix
+SETTING = {"model": "model.name", "img_size": "model.img_size", "patch_size": "model.patch_size",
+           "embed_dim": "model.embed_dim", "depth": "model.depth", "num_heads": "model.num_heads",
+           "mlp_ratio": "model.mlp_ratio", "global_pool": "model.global_pool",
+           "data_streams": "data.streams", "batch_size": "train.batch_size",
+           "zero_stage": "run.zero_stage"}
 
 
 def rank_file(rank: int) -> str:
@@ -112,24 +142,59 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, run_state: dict,
         if old and old.get("run_id") != meta.get("run_id"):
             raise RuntimeError(f"{tag_dir} holds a checkpoint of another run (run id {old.get('run_id')}); "
                                f"this run ({meta.get('run_id')}) will not overwrite it: use another run.dir")
-        shutil.rmtree(tag_dir)   # a leftover from a killed save of this very step
+        # a leftover from a killed save of this very step (not another run's save in progress:
+        # the run folder's lock keeps other runs out)
+        shutil.rmtree(tag_dir)
     _barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    if engine_saved is not None:
-        engine_saved(tag_dir)
-    torch.save(dict(rank_state, rng=rng_state()), tag_dir / rank_file(rank))
+    error = None
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        if engine_saved is not None:
+            engine_saved(tag_dir)
+        torch.save(dict(rank_state, rng=rng_state()), tag_dir / rank_file(rank))
+        if rank == 0:
+            torch.save(run_state, tag_dir / RUN_STATE)
+            for name, tensors in weights.items():
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tag_dir / f"{name}.safetensors"))
+    except (OSError, RuntimeError) as e:
+        error = write_failure(e, ckpt_dir, tag_dir, rank)
+        if error is None:
+            raise
+    _raise_on_any(space.first_error(error), tag_dir, rank)   # collective: in place of a barrier
     if rank == 0:
-        torch.save(run_state, tag_dir / RUN_STATE)
-        for name, tensors in weights.items():
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tag_dir / f"{name}.safetensors"))
-    _barrier()
-    if rank == 0:
-        files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file()}
-        _atomic_write(tag_dir / MARKER, json.dumps(dict(meta, step=step, tag=tag, files=files), indent=1))
-        _atomic_write(ckpt_dir / "latest", tag)
-        _prune(ckpt_dir, keep_last, keep=tag, run_id=meta.get("run_id"))
-    _barrier()
+        try:
+            files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file()}
+            _atomic_write(tag_dir / MARKER, json.dumps(dict(meta, step=step, tag=tag, files=files), indent=1))
+            _atomic_write(ckpt_dir / "latest", tag)
+            _prune(ckpt_dir, keep_last, keep=tag, run_id=meta.get("run_id"))
+        except OSError as e:
+            error = write_failure(e, ckpt_dir, tag_dir, rank)
+            if error is None:
+                raise
+    _raise_on_any(agree(error), tag_dir, rank)   # collective: in place of a barrier
     return tag_dir
+
+
+def tag_bytes(tag_dir: Path) -> int:
+    """A complete tag's size as its marker recorded it (DeepSpeed's files and ours, every rank's)."""
+    return sum(read_marker(tag_dir).get("files", {}).values())
+
+
+def write_failure(error: BaseException, ckpt_dir: Path, tag_dir: Path, rank: int):
+    """The one line for a checkpoint write that failed for lack of space (None for any other
+    failure: the caller re-raises it as it is)."""
+    last = [ckpt_dir / t for t in complete_tags(ckpt_dir) if t != tag_dir.name]
+    return space.no_space_line(error, ckpt_dir, tag_dir, rank, last[-1] if last else None,
+                               tag_bytes(last[-1]) if last else 0)
+
+
+def _raise_on_any(error, tag_dir: Path, rank: int) -> None:
+    if not error:
+        return
+    unfinished = not (tag_dir / MARKER).is_file()
+    if rank == 0 and unfinished:   # never resumed from: give its space back
+        shutil.rmtree(tag_dir, ignore_errors=True)
+    raise space.CheckpointWriteError(error + (f"; the unfinished {tag_dir.name} was removed" if unfinished else ""))
 
 
 def problems(tag_dir: Path) -> list[str]:
@@ -225,13 +290,22 @@ def _prune(ckpt_dir: Path, keep_last: int, keep: str, run_id) -> None:
 
 
 def check_compatible(meta: dict, expected: dict, tag_dir: Path) -> None:
-    """Refuse a checkpoint written by a run with another model/world layout, naming the difference."""
-    diffs = [f"{k}: checkpoint has {meta.get(k)!r}, this run has {v!r}"
-             for k, v in expected.items() if meta.get(k) != v]
+    """Refuse a checkpoint written by a run with another model, data layout or run length, naming
+    each difference and the setting that gives the checkpoint's value."""
+    diffs = []
+    for k, v in expected.items():
+        then = meta.get(k)
+        if then == v:
+            continue
+        fix = (f" (set {SETTING[k]}={'null' if then is None else then})" if k in SETTING and k in meta
+               else " (run length: train.epochs, run.max_steps, train.batch_size)"
+               if k in ("total_steps", "epoch_steps") else "")
+        diffs.append(f"{k}: checkpoint has {then!r}, this run has {v!r}{fix}")
     if diffs:
         raise RuntimeError(
             f"checkpoint {tag_dir} does not belong to this run's setup:\n  " + "\n  ".join(diffs) +
-            "\nresume with the same model/plugins/world size, or start a new run directory")
+            "\nresume with the checkpoint's settings (the world size may differ), or start a new run "
+            "directory")
 
 
 def needs_universal(tag_dir: Path) -> bool:

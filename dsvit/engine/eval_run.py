@@ -8,16 +8,15 @@ applies; a plugin may declare evaluation options (``Plugin.eval_options``, e.g. 
 """
 from __future__ import annotations
 
-import dataclasses
+import sys
 from pathlib import Path
 
 import torch
 import yaml
 
 from dsvit import config as C
-from dsvit.engine import checkpoint as ckpt
 from dsvit.engine.evaluate import evaluate_model
-from dsvit.engine.export import load_weights, resolve_tag
+from dsvit.engine.export import check_fits, checkpoint_model, load_weights, resolve_tag
 from dsvit.engine.plugin import State
 from dsvit.engine.plugin_set import PluginSet
 from dsvit.model.vit import build_model
@@ -36,18 +35,26 @@ def run_eval(run_dir: Path, overrides: list[str], world, make_plugins, tag: str 
     cfg = C.apply_overrides(C.from_dict(yaml.safe_load(cfg_file.read_text())), overrides)
     device = torch.device(get_accelerator().device_name(world.local_rank))
     tag_dir = resolve_tag(run_dir, tag)
-    # the model as it was at that checkpoint (a plugin may have grown it)
-    model_cfg = dataclasses.replace(cfg.model, **ckpt.read_marker(tag_dir).get("architecture", {}))
+    # the model as it was at that checkpoint (a plugin may have grown it), whatever config.yaml says
+    model_cfg, notes = checkpoint_model(tag_dir, cfg.model)
+    if world.rank == 0:
+        for line in notes:
+            print(f"dsvit eval: {line}; using the checkpoint's", file=sys.stderr)
 
     root = cfg.data.root
     if root == "synthetic":
         root = str(run_dir / "data")
     info = pipeline.read_info(root)
     num_classes = pipeline.num_classes(info)
+    if num_classes != model_cfg.num_classes:
+        raise C.ConfigError(f"{tag_dir} was trained on {model_cfg.num_classes} classes, the data at "
+                            f"data.root={root} has {num_classes}: evaluate on the run's own data")
     model, stage = build_model(model_cfg, num_classes)
-    model.load_state_dict(load_weights(tag_dir, ema=ema))
+    weights = load_weights(tag_dir, ema=ema)
+    check_fits(model, weights, tag_dir, notes)
+    model.load_state_dict(weights)
     model.to(device).eval()
-    eval_data = pipeline.EvalData(cfg.data, info, img_size=cfg.model.img_size, rank=world.rank,
+    eval_data = pipeline.EvalData(cfg.data, info, img_size=model_cfg.img_size, rank=world.rank,
                                   world_size=world.world_size,
                                   local_batch=max(1, cfg.train.eval_batch_size // world.world_size))
 

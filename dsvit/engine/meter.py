@@ -50,19 +50,32 @@ class StepMeter:
         logger.scalar("train/epoch", epoch)
         logger.scalar("time/wall_s", wall_s)
         logger.flush(step)
-        logger.advance(n_steps, loss=f"{loss:.3f}", img_s=f"{img_s:.0f}")
+        logger.advance(n_steps, epoch=epoch, loss=loss, lr=lr, images_per_s=img_s)
         self.reset(step)
+
+
+# what a data counter counts, for the log line (TensorBoard shows only the names)
+COUNTER_MEANINGS = {
+    "corrupt_skipped": "samples that did not decode, replaced by others of their batch",
+    "filtered": "samples the keep set passed over: a data plugin trains on a subset",
+    "short_shards": "shards holding fewer samples than _info.json lists",
+    "short_shard_missing": "samples those shards lack",
+}
 
 
 def log_data_counters(data, logger, device: torch.device, epoch: int, prefix: str = "data") -> None:
     """The data's counters of its last pass (an epoch, an evaluation: corrupt samples skipped,
-    short shards, ...), summed over ranks. Collective."""
+    short shards, ...), summed over ranks. Collective. Only non-zero counters are logged, so
+    TensorBoard shows a ``data/*`` chart only when something happened."""
     counters = getattr(data, "counters", lambda: {})()
     if counters:
         values = torch.tensor([float(v) for v in counters.values()], device=device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(values)
-        for name, v in zip(counters, values.tolist()):
+        nonzero = {name: v for name, v in zip(counters, values.tolist()) if v}
+        for name, v in nonzero.items():
             logger.scalar(f"{prefix}/{name}", v)
-        logger.info("epoch %d %s: %s", epoch, prefix.replace("_", " "),
-                    ", ".join(f"{k}={int(v)}" for k, v in zip(counters, values.tolist())))
+        if nonzero:
+            logger.info("epoch %d %s: %s", epoch, prefix.replace("_", " "),
+                        ", ".join(f"{k}={int(v)}" + (f" ({COUNTER_MEANINGS[k]})" if k in COUNTER_MEANINGS else "")
+                                  for k, v in nonzero.items()))

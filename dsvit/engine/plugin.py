@@ -106,6 +106,11 @@ class Plugin:
         self.config = config if config is not None else Config()
         self.order = getattr(cfg, "order", None) or type(self).order
 
+    @classmethod
+    def requested_by(cls, config) -> bool:
+        """True: ``config`` asks for the plugin without a section (built with its defaults)."""
+        return False
+
     def state_dict(self) -> dict:
         return {}
 

@@ -212,10 +212,12 @@ def rebuild_engine(trainer, request: RebuildRequest) -> Derived:
     s.model, s.last_rebuild = trainer.engine.module, request
     trainer.last_rebuild_times = clock.laps
     trainer.meter.pause(clock.total)
-    trainer.logger.scalar("engine/rebuild_s", clock.total)
-    trainer.logger.scalar("engine/host_rss_mib", host_rss_mib())
-    trainer.logger.scalar("engine/device_mem_mib", trainer.accel.memory_allocated() / 2**20)   # CPU: RSS
-    trainer.logger.scalar("model/depth", len(model.blocks))
+    # at the rebuild's own step, not the next logging interval's
+    trainer.logger.scalar("engine/rebuild_s", clock.total, step=s.step)
+    trainer.logger.scalar("engine/host_rss_mib", host_rss_mib(), step=s.step)
+    trainer.logger.scalar("engine/device_mem_mib", trainer.accel.memory_allocated() / 2**20,   # CPU: RSS
+                          step=s.step)
+    trainer.logger.scalar("model/depth", len(model.blocks), step=s.step)
     trainer.logger.info("rebuilt the engine for '%s' (%s) at step %d in %.2f s (%s): %d blocks, "
                         "optimizer state %s", request.requested_by, request.reason or "no reason given",
                         s.step, clock.total, clock, len(model.blocks), request.optimizer_state)

@@ -24,6 +24,7 @@ from dsvit.engine import build as B
 from dsvit.engine import checkpoint as ckpt
 from dsvit.engine import host_sync
 from dsvit.engine import optimizer_state as opt_state
+from dsvit.engine import preemption
 from dsvit.engine import rebuild as rb
 from dsvit.engine import resume
 from dsvit.engine.ema import WeightEMA
@@ -32,6 +33,7 @@ from dsvit.engine.meter import log_data_counters
 from dsvit.engine.plugin import REBUILD_EVENTS, STEP_EVENTS, Batch
 from dsvit.engine.setup import (World, build_engine, clear_stale_zero3_grads, lr_schedule,
                                 seed_everything, soft_targets)
+from dsvit.model.vit import describe_model
 
 __all__ = ["RunObserver", "Trainer", "World"]
 
@@ -48,8 +50,10 @@ class RunObserver:
 
 class Trainer:
     def __init__(self, cfg: C.Config, world: World, plugins: list, train_data=None, eval_data=None,
-                 num_classes: Optional[int] = None, observer: Optional[RunObserver] = None):
+                 num_classes: Optional[int] = None, observer: Optional[RunObserver] = None,
+                 stop_signals: Optional[preemption.StopSignals] = None):
         self.observer = observer or RunObserver()
+        self.stop_signals = stop_signals   # SIGTERM/SIGUSR1: checkpoint and stop (engine/preemption.py)
         B.build(self, cfg, world, plugins, train_data, eval_data, num_classes)
 
     # ------------------------------------------------------------ what the builder and rebuilds use
@@ -81,12 +85,12 @@ class Trainer:
         plugins declare at the checkpoint's step (their restored state), not the recipe's start."""
         m = self.model_cfg
         return {"model": m.name, "img_size": m.img_size, "patch_size": m.patch_size,
-                "embed_dim": m.embed_dim, "depth": m.depth, "architecture": self.arch,
-                "num_classes": self.num_classes,
-                "plugins": sorted(p.name for p in self.plugins),
-                # LR and plugin schedules are functions of the step and the run length
-                "total_steps": self.total_steps, "epoch_steps": self.epoch_steps,
-                "zero_stage": self.zero_stage}
+                "embed_dim": m.embed_dim, "depth": m.depth, "num_heads": m.num_heads,
+                "mlp_ratio": m.mlp_ratio, "global_pool": m.global_pool, "architecture": self.arch,
+                "num_classes": self.num_classes, "plugins": sorted(p.name for p in self.plugins),
+                # the batches depend on the next two (dsvit.data.pipeline), the schedules on the run length
+                "data_streams": self.cfg.data.streams, "batch_size": self.cfg.train.batch_size,
+                "total_steps": self.total_steps, "epoch_steps": self.epoch_steps, "zero_stage": self.zero_stage}
 
     # ------------------------------------------------------------ events and rebuilds
     def _fire(self, event: str) -> None:
@@ -122,8 +126,7 @@ class Trainer:
         path = ckpt.save(self.engine, self.ckpt_dir, s.step, {"config": C.to_dict(self.cfg)}, run_state,
                          {"plugins": self.plugins.rank_state_dict()},
                          weights if self.world.rank == 0 else {},
-                         dict(self.fingerprint(), run_id=self.run_id, world_size=self.world.world_size,
-                              data_streams=self.cfg.data.streams),
+                         dict(self.fingerprint(), run_id=self.run_id, world_size=self.world.world_size),
                          self.world.rank, self.cfg.checkpoint.keep_last,
                          engine_saved=lambda tag_dir: self.observer.engine_files_saved(self, tag_dir))
         self.last_checkpoint = path
@@ -225,6 +228,7 @@ class Trainer:
         self.logger.info("training %s: %d steps (%d per epoch), global batch %d on %d rank(s), ZeRO %d",
                          self.model_cfg.name, self.total_steps, s.steps_per_epoch, t.batch_size,
                          self.world.world_size, self.zero_stage)
+        self.logger.info("model: %s", describe_model(self.cfg.model, self.engine.module))
         self.logger.start_progress(self.total_steps, s.step)
         metrics: dict = {}
         self.fit_start_time = time.perf_counter()
@@ -236,9 +240,11 @@ class Trainer:
                 self.train_step(it.__next__)
                 if s.step % cfg.log.every_steps == 0 or s.step == self.total_steps:
                     self.log_interval()
-                if (self._step_checkpoint_due() and s.step_in_epoch < s.steps_per_epoch
-                        and s.step < self.total_steps):
+                mid_epoch = s.step_in_epoch < s.steps_per_epoch and s.step < self.total_steps
+                if self._step_checkpoint_due() and mid_epoch:
                     self.save_checkpoint()
+                if mid_epoch:   # SIGTERM/SIGUSR1 on any rank: all stop at one agreed step
+                    preemption.stop_if_agreed(self)
             epoch_done = s.step_in_epoch >= s.steps_per_epoch
             if epoch_done:
                 self._fire("epoch_end")
@@ -255,6 +261,8 @@ class Trainer:
             epoch_due = epoch_done and every_epochs > 0 and s.epoch % every_epochs == 0
             if epoch_due or last or self._step_checkpoint_due():
                 self.save_checkpoint()
+            if not last:   # a signal during the epoch's last step, evaluation or checkpoint
+                preemption.stop_if_agreed(self)
         if not metrics:   # resumed at its end (a finished run): evaluate what it holds
             metrics = self.evaluate()
         self.plugins.fire("fit_end", s)

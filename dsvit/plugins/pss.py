@@ -269,7 +269,7 @@ class PatchSampling(Plugin):
         if state.logger is not None:
             state.logger.scalar("pss/keep_rate", 1.0 - self.drop)
             if self.tokens:
-                state.logger.scalar("pss/tokens", self.tokens)
+                state.logger.scalar("pss/tokens_sampled", self.tokens)   # sequence length after sampling
 
     def on_fit_end(self, state) -> None:
         state.token_stage.remove(self)

@@ -314,7 +314,7 @@ class TokenExpansion(Plugin):
             rate = self.cfg.keep_rates[self.stage - 1] if self.stage else 1.0
             state.logger.scalar("toe/keep_rate", rate if self.tokens else 1.0)
             if self.tokens:
-                state.logger.scalar("toe/tokens", self.tokens)
+                state.logger.scalar("toe/tokens_after_merge", self.tokens)   # sequence length after ToE
 
     def on_fit_end(self, state) -> None:
         state.token_stage.remove(self)
