@@ -48,11 +48,14 @@ def test_cli_reports_config_errors(capsys):
     assert "unknown key 'train.nope'" in capsys.readouterr().err
 
 
-def test_help_lists_recipes_and_sections():
-    text = build_parser().format_help()
+def test_help_lists_recipes_and_sections(capsys):
+    assert "recipes shipped:" in build_parser().format_help()
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
     recipes = next(l for l in text.splitlines() if l.startswith("recipes shipped:"))
     assert "default" in recipes and "cifar10-bench" in recipes
-    assert "  train: " in text and "  checkpoint: " in text and "  plugins.toe: " in text
+    assert "\n  train:\n" in text and "\n  checkpoint:\n" in text and "  plugins.toe: " in text
 
 
 def test_resolved_config_round_trips(tmp_path):

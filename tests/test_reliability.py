@@ -139,7 +139,7 @@ def test_export_and_eval_use_the_checkpoints_architecture(trained, tmp_path, cap
     out.unlink()
     marker.update(depth=2, architecture={})
     (tag / "COMPLETE").write_text(json.dumps(marker))
-    assert main(["export", str(run), str(out)]) == 1
+    assert main(["export", str(run), str(out)]) == 2
     err = capsys.readouterr().err
     assert "do not fit the model" in err and "blocks.2." in err and not out.exists()
 

@@ -88,7 +88,7 @@ def test_export_and_eval_weights_need_no_pickled_files(tmp_path):
 def test_export_without_checkpoint_is_one_clear_line(tmp_path, capsys):
     from dsvit.cli import main
     (tmp_path / "empty").mkdir()
-    assert main(["export", str(tmp_path / "empty"), str(tmp_path / "m.safetensors")]) == 1
+    assert main(["export", str(tmp_path / "empty"), str(tmp_path / "m.safetensors")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no intact checkpoint under" in err[0] and "train first" in err[0]
 

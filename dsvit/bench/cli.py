@@ -18,11 +18,13 @@ from dsvit import config as C
 
 
 def add_bench_parser(sub) -> None:
+    from dsvit.cli_help import plain_text
     p = sub.add_parser("bench", help="benchmark methods side by side (interleaved), or their throughput",
-                       description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+                       description=plain_text(__doc__),
+                       formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     bs = p.add_subparsers(dest="bench_command", required=True)
     r = bs.add_parser("run", help="train every variant x seed of SPEC interleaved, then report")
-    r.add_argument("spec")
+    r.add_argument("spec", help="benchmark spec YAML (dsvit/bench/spec.py; e.g. benchmarks/stack_bench.yaml)")
     r.add_argument("--dir", required=True, help="benchmark folder (runs, logs, bench.json, report)")
     r.add_argument("--slots", type=int, default=None,
                    help="runs going at once (default: one per GPU on a GPU machine, as DeepSpeed's "
@@ -30,11 +32,13 @@ def add_bench_parser(sub) -> None:
     r.add_argument("--quantum", type=float, default=60.0, help="seconds between switches")
     r.add_argument("--only", default="", help="comma-separated variants to run (default: all)")
     r.add_argument("--results", default="", help="also write the table into this markdown file")
-    r.add_argument("overrides", nargs="*")
+    r.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="applied to every run (e.g. data.root=/data/cifar10-shards)")
     r.set_defaults(func=cmd_run)
     q = bs.add_parser("report", help="write the table and plot of a benchmark folder")
-    q.add_argument("--dir", required=True)
-    q.add_argument("--results", default="")
+    q.add_argument("--dir", required=True, help="the --dir of a `dsvit bench run`")
+    q.add_argument("--results", default="", help="also write the table into this markdown file "
+                   "(its section for this benchmark is replaced)")
     q.set_defaults(func=cmd_report)
     # listed for `dsvit bench --help` only: dsvit.cli.main hands `bench throughput ...` to
     # dsvit.bench.throughput.main before argparse, which would take its flags for overrides
@@ -110,7 +114,8 @@ def _build_deepspeed_ops() -> None:
     while holding the lock stalls the rest, all of it counted as their start-up time."""
     try:
         from deepspeed.comm.torch import build_shm_op
-        build_shm_op()
+        from dsvit.engine.comm_op import quiet_when_cached
+        quiet_when_cached(build_shm_op)
     except Exception as e:   # an accelerator without the op: the runs say so themselves
         print(f"bench: could not pre-build DeepSpeed's comm op ({e}); the first run will", flush=True)
 

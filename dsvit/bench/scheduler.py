@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from dsvit.errors import RunStateError
+
 
 @dataclass
 class RunRecord:
@@ -115,7 +117,7 @@ class Interleaver:
         if self.state_path.exists():
             saved = json.loads(self.state_path.read_text())
             if fingerprint and saved.get("fingerprint") not in ("", fingerprint):
-                raise RuntimeError(f"{self.folder} holds a benchmark made with another spec (or other "
+                raise RunStateError(f"{self.folder} holds a benchmark made with another spec (or other "
                                    f"overrides); use another --dir, or delete {self.state_path} to start over")
             old = {r["name"]: RunRecord(**r) for r in saved["runs"]}
         self.fingerprint = fingerprint

@@ -294,7 +294,7 @@ def add_shards_parser(subparsers):
     _common(q, encode_arrays=True)
     q.set_defaults(func=cmd_npz)
     q = sub.add_parser("verify", help="read and decode everything, check counts")
-    q.add_argument("out")
+    q.add_argument("out", metavar="dataset", help="the dataset folder (holding _info.json)")
     q.add_argument("--no-progress", action="store_true")
     q.set_defaults(func=cmd_verify)
     q = sub.add_parser("synthetic", help="write the embedded synthetic dataset")

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from dsvit.data.device import HostImages, erase_boxes
 from dsvit.data.stream import ReadTask, SampleDecoder, StreamPlan
 from dsvit.data.transforms import build_eraser, build_train_transform, seed_rngs, torch_seed
+from dsvit.errors import DataError
 
 PREFETCH_PER_WORKER = 2   # tasks a worker holds: enough to keep it busy, each one a micro-batch of raw bytes
 READ_AHEAD = 2            # micro-batches the reader thread reads beyond those the DataLoader holds
@@ -92,9 +93,9 @@ class MicroBatchDecoder(Dataset):
             good = (~bad).nonzero().flatten()
             if not len(good):
                 url = task.chunks[0][1][0][1]
-                raise RuntimeError(f"every sample of micro-batch {task.g} on rank {self.rank} is corrupt (uids "
-                                   f"{uids[:8].tolist()}...); check the shards with `dsvit shards verify "
-                                   f"{os.path.dirname(url) or '.'}`")
+                raise DataError(f"every sample of micro-batch {task.g} on rank {self.rank} is corrupt (uids "
+                                f"{uids[:8].tolist()}...); check the shards with `dsvit shards verify "
+                                f"{os.path.dirname(url) or '.'}`")
             slots = bad.nonzero().flatten()
             src = good[torch.arange(len(slots)) % len(good)]
             labels, uids = labels.clone(), uids.clone()

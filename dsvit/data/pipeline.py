@@ -68,6 +68,7 @@ from dsvit.data.loader import READ_AHEAD, MicroBatchDecoder, ReadAhead, TaskFeed
 from dsvit.data.stream import STREAM_COUNTERS, EvalStream, StreamPlan, decode_image, read_micro_batches
 from dsvit.data.tar_reader import iter_shard
 from dsvit.data.transforms import BatchNormalize, build_eval_transform, image_stages, stack_images
+from dsvit.errors import ConfigError, MissingFileError
 
 log = logging.getLogger("dsvit.data")
 TRAIN_COUNTERS = ("corrupt_skipped",) + STREAM_COUNTERS
@@ -85,10 +86,10 @@ def read_info(root: str) -> dict:
             with open(path) as f:
                 info = json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found: data.root must be a shard folder written by "
+        raise MissingFileError(f"{path} not found: data.root must be a shard folder written by "
                                 f"`dsvit shards` (or 'synthetic')") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); rewrite the dataset with `dsvit shards ... --overwrite`") from None
+        raise ConfigError(f"{path} is not valid JSON ({e}); rewrite the dataset with `dsvit shards ... --overwrite`") from None
     check_info(info, path)
     info["root"] = root   # shard file names in _info.json are relative to it
     return info
@@ -101,7 +102,7 @@ def num_classes(info: dict) -> int:
 def _split_shards(cfg, info: dict, split: str):
     """(urls, lengths, uid_starts) of a split; cfg.shards (brace pattern/URLs) overrides the list."""
     if split not in info["splits"]:
-        raise ValueError(f"split '{split}' not in {cfg.root}/{INFO_NAME} (has {sorted(info['splits'])})")
+        raise ConfigError(f"split '{split}' not in {cfg.root}/{INFO_NAME} (has {sorted(info['splits'])})")
     s = info["splits"][split]
     starts = np.concatenate([[0], np.cumsum(s["shard_lengths"])[:-1]]).astype(np.int64)
     by_name = {f: (n, st) for f, n, st in zip(s["filenames"], s["shard_lengths"], starts)}
@@ -110,7 +111,7 @@ def _split_shards(cfg, info: dict, split: str):
         urls = expand_urls(cfg.shards)
         missing = [u for u in urls if os.path.basename(u) not in by_name]
         if missing:
-            raise ValueError(f"data.shards: {missing[0]} is not listed in {cfg.root}/{INFO_NAME}; "
+            raise ConfigError(f"data.shards: {missing[0]} is not listed in {cfg.root}/{INFO_NAME}; "
                              f"per-shard counts are needed, so point data.root at its dataset folder")
         lengths = [by_name[os.path.basename(u)][0] for u in urls]
         starts = [by_name[os.path.basename(u)][1] for u in urls]
@@ -120,7 +121,7 @@ def _split_shards(cfg, info: dict, split: str):
     local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
     missing = [u for u in local if not os.path.isfile(u)]
     if missing:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{len(missing)} shard(s) of split '{split}' are missing, e.g. {missing[0]}; restore them or "
             f"rewrite the dataset (`dsvit shards ... --overwrite`), then `dsvit shards verify`")
     return urls, np.asarray(lengths, np.int64), np.asarray(starts, np.int64)
@@ -151,7 +152,7 @@ class TrainData:
         self.my_streams = list(range(rank * per_rank, (rank + 1) * per_rank))
         self.workers = max(0, cfg.workers)   # decode processes; the rank's process reads the streams
         if cfg.mode == "partitioned" and len(self.urls) < streams:
-            raise ValueError(
+            raise ConfigError(
                 f"data.mode=partitioned deals whole shards to data.streams={streams} streams, but "
                 f"{cfg.root} has {len(self.urls)} shards; reshard with `dsvit shards ... --shard-size "
                 f"{max(1, self.num_samples // (streams * 4))}` (4 shards per stream), lower data.streams "
@@ -202,7 +203,7 @@ class TrainData:
             where = f"{int(active.sum())} active samples / ({self.batch} x {self.world} ranks)"
         self.batches_per_epoch = n // m * m
         if self.batches_per_epoch < 1:
-            raise ValueError(f"not enough training data for one step: {where} gives {n} batches, need a "
+            raise ConfigError(f"not enough training data for one step: {where} gives {n} batches, need a "
                              f"multiple of {m}; lower train.batch_size or use more data")
 
     def _resampled_batches(self, active_samples: int) -> int:

@@ -33,13 +33,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dsvit.errors import UserError
+
 INFO_NAME = "_info.json"
 PROGRESS_NAME = "_progress.json"  # an unfinished conversion (dsvit.data.convert)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 KEY_DIGITS = 9
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """Bad input or a bad dataset folder; the message says what and what to do."""
 
 

@@ -37,10 +37,8 @@ and worker independence hold as without repeats: nothing else changed.
 
 Evaluation (``EvalStream``): a rank's val shards are dealt to its workers (``shards[w::W]``); each
 worker batches its own samples and pads its last batch, and worker 0 adds the fully padded batches
-that give every rank the same batch count.
-
-Both yield uint8 images (``dsvit.data.device.HostImages``): normalisation and random erasing run
-on the device.
+that give every rank the same batch count. Both yield uint8 images (``dsvit.data.device.HostImages``):
+normalisation and random erasing run on the device.
 
 Counters. Every micro-batch carries the counts of what happened while its samples were read
 (stream events: ``filtered``, ``short_shards``, ``short_shard_missing``, and the short shards
@@ -68,6 +66,7 @@ from dsvit.data.device import HostImages
 from dsvit.data.shards import IMAGE_EXTS, INFO_NAME
 from dsvit.data.tar_reader import CorruptShardError, iter_shard
 from dsvit.data.transforms import image_stages, seed_rngs, stack_images
+from dsvit.errors import DataError, MissingFileError
 
 STREAM_COUNTERS = ("filtered", "short_shards", "short_shard_missing")
 
@@ -166,7 +165,7 @@ class SampleReader:
                     kept += 1
                     yield uid, url, key, sample
             except FileNotFoundError as e:
-                raise FileNotFoundError(f"shard {url} is missing: {e}") from e
+                raise MissingFileError(f"shard {url} is missing: {e}") from e
             except (EOFError, OSError) as e:  # CorruptShardError: cut off mid-member, not a tar
                 err = e
             if got < p.lengths[i] or err is not None:
@@ -183,7 +182,7 @@ class SampleReader:
         url, listed, first = p.urls[i], int(p.lengths[i]), int(p.starts[i])
         what = (f"holds more than the {listed} samples {INFO_NAME} lists" if got > listed else
                 f"holds sample {key}, outside its uids {first}..{first + listed - 1} in {INFO_NAME}")
-        raise RuntimeError(f"shard {url} {what}: the shards and {INFO_NAME} disagree (a shard rewritten or "
+        raise DataError(f"shard {url} {what}: the shards and {INFO_NAME} disagree (a shard rewritten or "
                            f"copied in from another dataset); re-create the dataset with `dsvit shards ... "
                            f"--overwrite`, or check it with `dsvit shards verify {os.path.dirname(url) or '.'}`")
 
@@ -198,7 +197,7 @@ class SampleReader:
             why = f"{err.reason} at byte {err.offset}" if isinstance(err, CorruptShardError) else f"{type(err).__name__}: {err}"
             what = f"shard {url} is unreadable after {got} of the {listed} samples {INFO_NAME} lists ({why})"
         if p.corrupt == "raise":
-            raise RuntimeError(f"{what}; {recreate_hint(url)}") from err
+            raise DataError(f"{what}; {recreate_hint(url)}") from err
         if i not in self.short and got < listed:  # once per stream: a partitioned pass may read it again
             self.short[i] = (url, got, listed, why)
             ev.add("short_shards")
@@ -210,7 +209,7 @@ class SampleReader:
         if self.barren.issuperset(self.readable):
             eg = next(iter(self.short.values()), None)
             example = f", e.g. {eg[0]} holds {eg[1]} of {eg[2]} samples" if eg else ""
-            raise RuntimeError(f"{self.owner}: none of its {len(self.readable)} shards delivers a sample "
+            raise DataError(f"{self.owner}: none of its {len(self.readable)} shards delivers a sample "
                                f"it may use{example}; {recreate_hint(self.plan.urls[self.readable[0]])}")
 
 
@@ -277,7 +276,7 @@ class SampleDecoder:
             label = None
         n = self.plan.num_classes
         if label is not None and n and not 0 <= label < n:   # the data and its _info.json disagree
-            raise RuntimeError(f"shard {url} sample {key} has class {label}, but {INFO_NAME} lists {n} classes "
+            raise DataError(f"shard {url} sample {key} has class {label}, but {INFO_NAME} lists {n} classes "
                                f"(0..{n - 1}): re-create the dataset with `dsvit shards ... --overwrite` (every "
                                f"class a folder), or fix class_names in {INFO_NAME}; `dsvit shards verify "
                                f"{os.path.dirname(url) or '.'}` checks every label")
@@ -285,7 +284,7 @@ class SampleDecoder:
             return decode_image(sample), int(sample["cls"])
         except Exception as e:  # corrupt bytes, bad label
             if self.plan.corrupt == "raise":
-                raise RuntimeError(f"corrupt sample: shard {url} key {key}: {type(e).__name__}: {e}; "
+                raise DataError(f"corrupt sample: shard {url} key {key}: {type(e).__name__}: {e}; "
                                    f"{recreate_hint(url, 'corrupt samples', 'corrupt_skipped')}") from e
             stats["corrupt_skipped"] = stats.get("corrupt_skipped", 0) + 1
             return None

@@ -53,6 +53,7 @@ import torch
 import torch.distributed as dist
 
 from dsvit.engine import disk_space as space
+from dsvit.errors import MissingFileError, RunStateError
 
 MARKER = "COMPLETE"
 RUN_STATE = "dsvit_state.pt"
@@ -122,7 +123,7 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
 def read_marker(tag_dir: Path) -> dict:
     marker = tag_dir / MARKER
     if not marker.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{tag_dir} is not a complete dsvit checkpoint (no {MARKER} marker: it was interrupted "
             f"while being written, or is not a dsvit checkpoint); resume from an earlier tag or "
             f"checkpoint.resume=auto")
@@ -140,7 +141,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, run_state: dict,
     if rank == 0 and tag_dir.exists():
         old = read_marker(tag_dir) if (tag_dir / MARKER).is_file() else {}
         if old and old.get("run_id") != meta.get("run_id"):
-            raise RuntimeError(f"{tag_dir} holds a checkpoint of another run (run id {old.get('run_id')}); "
+            raise RunStateError(f"{tag_dir} holds a checkpoint of another run (run id {old.get('run_id')}); "
                                f"this run ({meta.get('run_id')}) will not overwrite it: use another run.dir")
         # a leftover from a killed save of this very step (not another run's save in progress:
         # the run folder's lock keeps other runs out)
@@ -302,9 +303,9 @@ def check_compatible(meta: dict, expected: dict, tag_dir: Path) -> None:
                if k in ("total_steps", "epoch_steps") else "")
         diffs.append(f"{k}: checkpoint has {then!r}, this run has {v!r}{fix}")
     if diffs:
-        raise RuntimeError(
-            f"checkpoint {tag_dir} does not belong to this run's setup:\n  " + "\n  ".join(diffs) +
-            "\nresume with the checkpoint's settings (the world size may differ), or start a new run "
+        raise RunStateError(
+            f"checkpoint {tag_dir} does not belong to this run's setup: " + "; ".join(diffs) +
+            "; resume with the checkpoint's settings (the world size may differ), or start a new run "
             "directory")
 
 
@@ -368,6 +369,6 @@ def read_weights(tag_dir: Path, name: str = "weights") -> dict:
     from safetensors.torch import load_file
     f = tag_dir / f"{name}.safetensors"
     if not f.is_file():
-        raise FileNotFoundError(f"{f} not found: {tag_dir} was not written by this dsvit version "
+        raise MissingFileError(f"{f} not found: {tag_dir} was not written by this dsvit version "
                                 f"or is incomplete")
     return load_file(str(f))

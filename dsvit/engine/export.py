@@ -23,6 +23,7 @@ import torch
 
 from dsvit import config as C
 from dsvit.engine import checkpoint as ckpt
+from dsvit.errors import MissingFileError, RunStateError
 
 # marker field -> model.* field: the architecture a checkpoint records (Trainer.fingerprint)
 ARCH_FIELDS = {"model": "name", "img_size": "img_size", "patch_size": "patch_size",
@@ -38,13 +39,13 @@ def resolve_tag(run_dir: Path, tag: str = "") -> Path:
         ckpt.read_marker(tag_dir)
         wrong = ckpt.problems(tag_dir)
         if wrong:
-            raise ValueError(f"checkpoint {tag_dir} is damaged: {'; '.join(wrong)}; pick another --tag")
+            raise RunStateError(f"checkpoint {tag_dir} is damaged: {'; '.join(wrong)}; pick another --tag")
         return tag_dir
     tag_dir, skipped = ckpt.find_resumable(ckpt_dir)
     for line in skipped:
         print(f"dsvit: skipping a damaged checkpoint: {line}", file=sys.stderr)
     if tag_dir is None:
-        raise FileNotFoundError(f"no intact checkpoint under {ckpt_dir}: train first (dsvit train "
+        raise MissingFileError(f"no intact checkpoint under {ckpt_dir}: train first (dsvit train "
                                 f"run.dir={run_dir}) or name a tag with --tag")
     return tag_dir
 
@@ -53,7 +54,7 @@ def load_weights(tag_dir: Path, ema: bool = False) -> dict[str, torch.Tensor]:
     """fp32 timm state dict of the model (or its EMA) saved in ``tag_dir``: a safetensors file,
     so a checkpoint from someone else runs no code here."""
     if ema and not (tag_dir / "ema.safetensors").is_file():
-        raise ValueError(f"{tag_dir} holds no EMA weights (the run had train.ema_decay=0); "
+        raise C.ConfigError(f"{tag_dir} holds no EMA weights (the run had train.ema_decay=0); "
                          "export without --ema")
     return {k: v.float() for k, v in ckpt.read_weights(tag_dir, "ema" if ema else "weights").items()}
 
@@ -79,7 +80,7 @@ def check_fits(model: torch.nn.Module, weights: dict, tag_dir: Path, notes: list
     if diffs:
         shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
         why = f" (config.yaml disagrees with the checkpoint: {'; '.join(notes)})" if notes else ""
-        raise ValueError(f"the weights in {tag_dir} do not fit the model its marker and config.yaml "
+        raise RunStateError(f"the weights in {tag_dir} do not fit the model its marker and config.yaml "
                          f"describe: {shown}{why}; pass the right run directory")
 
 

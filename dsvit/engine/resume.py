@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 
 from dsvit.engine import checkpoint as ckpt
+from dsvit.errors import RunStateError
 
 log = logging.getLogger("dsvit")
 
@@ -60,7 +61,7 @@ def find(where: str, ckpt_dir: Path, rank: int, plugin_names: list) -> Optional[
         tag_dir = Path(where)
         wrong = ckpt.problems(tag_dir)
         if wrong:
-            raise RuntimeError(f"checkpoint {tag_dir} is damaged: {'; '.join(wrong)}; resume from "
+            raise RunStateError(f"checkpoint {tag_dir} is damaged: {'; '.join(wrong)}; resume from "
                                f"another tag, or use checkpoint.resume=auto (the newest intact one)")
     ckpt.check_compatible(ckpt.read_marker(tag_dir), {"plugins": sorted(plugin_names)}, tag_dir)
     return tag_dir

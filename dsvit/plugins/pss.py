@@ -43,7 +43,7 @@ from typing import Optional
 
 import torch
 
-from dsvit.errors import ConfigError
+from dsvit.errors import ConfigError, RunStateError
 from dsvit.engine.compose import Footprint, TokenSite
 from dsvit.engine.plugin import ORDER_TOKENS, Plugin
 from dsvit.plugins import register
@@ -287,6 +287,6 @@ class PatchSampling(Plugin):
         now = self.state_dict()
         diff = {k: (v, now[k]) for k, v in state.items() if k in now and v != now[k]}
         if diff:
-            raise RuntimeError(f"plugins.pss: the checkpoint was trained with another patch-sampling "
+            raise RunStateError(f"plugins.pss: the checkpoint was trained with another patch-sampling "
                                f"schedule (checkpoint, now): {diff}; resume with the same plugins.pss "
                                f"settings or start fresh")

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from dsvit.errors import ConfigError
+from dsvit.errors import ConfigError, RunStateError
 from dsvit.engine.compose import Blocks, Footprint, TokenSite
 from dsvit.engine.plugin import ORDER_TOKENS, Plugin
 from dsvit.model.token_stage import add_tokens, take_tokens
@@ -327,5 +327,5 @@ class TokenExpansion(Plugin):
         now = self.state_dict()
         diff = {k: (v, now[k]) for k, v in state.items() if k in now and _plain(v) != _plain(now[k])}
         if diff:
-            raise RuntimeError(f"plugins.toe: the checkpoint was trained with other ToE settings "
+            raise RunStateError(f"plugins.toe: the checkpoint was trained with other ToE settings "
                                f"(checkpoint, now): {diff}; resume with the same values or start fresh")

@@ -33,6 +33,7 @@ import torch
 
 from dsvit.engine.plugin import ORDER_DATA, Plugin
 from dsvit.engine.resume import reslice_batch
+from dsvit.errors import RunStateError
 from dsvit.plugins import register
 from dsvit.plugins.example_pruning import infobatch as IB
 from dsvit.plugins.example_pruning.config import ExamplePruningConfig
@@ -111,7 +112,7 @@ class ExamplePruning(Plugin):
             if self.gather and self.forgetting:
                 check_agree(digest(self.core.active), "the initial split", self.device)
         if self.core.n != state.data.num_samples:
-            raise RuntimeError(f"plugins.example_pruning: the state covers {self.core.n} examples, the "
+            raise RunStateError(f"plugins.example_pruning: the state covers {self.core.n} examples, the "
                                f"training set has {state.data.num_samples}; resume on the same data")
         state.logger.info("example_pruning (%s): %s", self.cfg.policy, self._describe())
 
@@ -217,7 +218,7 @@ class ExamplePruning(Plugin):
         if saved is not None:
             self.buffer.load(saved, state.step_in_epoch * self.ga)
         elif state.step_in_epoch:
-            raise RuntimeError(f"plugins.example_pruning: resumed {state.step_in_epoch} steps into epoch "
+            raise RunStateError(f"plugins.example_pruning: resumed {state.step_in_epoch} steps into epoch "
                                f"{e} without that epoch's recorded events; resume from a checkpoint "
                                f"written with this plugin enabled")
 
@@ -316,7 +317,7 @@ class ExamplePruning(Plugin):
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("policy") != self.cfg.policy or state.get("per_rank_split") != self.cfg.per_rank_split:
-            raise RuntimeError(f"plugins.example_pruning: the checkpoint was written with policy="
+            raise RunStateError(f"plugins.example_pruning: the checkpoint was written with policy="
                                f"{state.get('policy')} per_rank_split={state.get('per_rank_split')}; "
                                f"resume with the same settings or start a new run")
         if not self.cfg.per_rank_split:

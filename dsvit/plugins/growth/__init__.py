@@ -53,6 +53,7 @@ from dsvit.engine.compose import Footprint
 from dsvit.engine.plugin import ORDER_DEPTH, Plugin
 from dsvit.engine.rebuild import RebuildRequest
 from dsvit.engine.resume import reslice_batch
+from dsvit.errors import ConfigError, RunStateError
 from dsvit.model import surgery
 from dsvit.model.vit import build_plain
 from dsvit.plugins import register
@@ -136,7 +137,7 @@ class ProgressiveGrowth(Plugin):
         c, t = self.cfg, self.config.train
         starts = self._starts(state)
         if len(set(starts)) != len(starts):
-            raise ValueError(f"plugins.growth: stage starts {starts} (steps of {state.total_steps}) "
+            raise ConfigError(f"plugins.growth: stage starts {starts} (steps of {state.total_steps}) "
                              f"collide; the run is too short for {c.stages} stages")
         dp_max = self.model_cfg.drop_path_rate
         self.table = S.stage_table(starts, self.depths, self.resolutions,
@@ -146,7 +147,7 @@ class ProgressiveGrowth(Plugin):
         self.starts = [r.start for r in self.table]
         self.window = self._search_steps(state)
         if c.mode == "auto" and self.window * t.grad_accum < 2 * c.search_batches:
-            raise ValueError(f"plugins.growth: a search of {self.window} steps is too short to keep "
+            raise ConfigError(f"plugins.growth: a search of {self.window} steps is too short to keep "
                              f"{c.search_batches} micro-batches and score them; raise search_length")
         decays = [d if c.decay_rescale == "none" else rescaled_decay(
             d, c.decay_rescale, t.batch_size, c.decay_batch, state.total_steps, c.reference_steps)
@@ -361,7 +362,7 @@ class ProgressiveGrowth(Plugin):
         now = {k: getattr(self.cfg, k) for k in self.SCHEDULE_KEYS}
         diff = {k: (v, now[k]) for k, v in state["schedule"].items() if _plain(v) != _plain(now[k])}
         if diff:
-            raise RuntimeError(f"plugins.growth: the checkpoint was trained with another schedule "
+            raise RunStateError(f"plugins.growth: the checkpoint was trained with another schedule "
                                f"(checkpoint, now): {diff}; resume with the same values or start fresh")
         self.depth, self.resolution = state["depth"], state["resolution"]
         self.decisions = list(state["decisions"])
