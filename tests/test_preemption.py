@@ -24,9 +24,9 @@ from dsvit.engine.checkpoint import MARKER, problems, rank_file, tag_for
 from dsvit.engine.preemption import StopSignals, exit_status
 from launch import DEEPSPEED, ENV, ROOT, free_port, loss_trace, release_shm
 
-STEPS_PER_EPOCH = 64   # 1024 samples / global batch 16; two epochs
-TRAIN = ["train", "--config", "tiny_test", "data.synthetic_train=1024", "data.synthetic_val=40",
-         "train.epochs=2"]
+STEPS_PER_EPOCH = 32   # 512 samples / global batch 16; one epoch
+TRAIN = ["train", "--config", "tiny_test", "data.synthetic_train=512", "data.synthetic_val=40",
+         "train.epochs=1"]
 LINE = re.compile(r"^dsvit: preempted by (SIG\w+) at step (\d+): checkpoint (step\d+) written \((.+)\); "
                   r"resume with checkpoint\.resume=auto$", re.M)
 
@@ -109,7 +109,7 @@ def test_sigterm_mid_epoch_checkpoints_and_the_resume_matches_the_uninterrupted_
     resumed = dsvit_train(run, "checkpoint.resume=auto")
     assert f"resumed from {run / 'checkpoints' / tag_for(step)}" in resumed.stdout + resumed.stderr
     assert loss_trace(run) == loss_trace(tmp_path / "ref")  # every step, bit for bit
-    assert len(loss_trace(run)) == 2 * STEPS_PER_EPOCH
+    assert len(loss_trace(run)) == STEPS_PER_EPOCH
     assert final_top1(resumed.stdout) == final_top1(ref.stdout)
 
 
@@ -139,7 +139,7 @@ def test_a_signal_under_the_launcher_stops_every_rank_at_one_step(tmp_path, targ
       loader worker per rank."""
     run, port = tmp_path / "run", free_port()
     cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(port), "--module", "dsvit", *TRAIN,
-           f"run.dir={run}", f"data.workers={int(target == 'process group')}"]
+           "train.epochs=2", f"run.dir={run}", f"data.workers={int(target == 'process group')}"]
     if target == "process group":
         cmd = ["bash", "-c", 'trap "" USR1 TERM; exec "$@"', "bash", *cmd]
     launcher = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
