@@ -21,7 +21,7 @@ name: finetune-cifar10
 recipe: cifar10-bench
 baseline: scratch
 seeds: [0]
-overrides: [model.embed_dim=128, model.depth=4, model.num_heads=4, model.patch_size=4, train.epochs=2]
+overrides: [model.embed_dim=128, model.depth=4, model.num_heads=4, model.patch_size=4, train.epochs=${EPOCHS:-2}]
 variants:
   scratch: {note: "random init, the same 2 epochs"}
   init: {overrides: [model.init=$work/pretrained.safetensors, train.layer_decay=0.75], note: "pretrained by the main job; layer decay 0.75"}
