@@ -23,7 +23,7 @@ baseline: scratch
 seeds: [0]
 overrides: [model.embed_dim=128, model.depth=4, model.num_heads=4, model.patch_size=4, train.epochs=${EPOCHS:-2}]
 variants:
-  scratch: {note: "random init, the same 2 epochs"}
+  scratch: {note: "random init, the same budget"}
   init: {overrides: [model.init=$work/pretrained.safetensors, train.layer_decay=0.75], note: "pretrained by the main job; layer decay 0.75"}
   init-toe: {overrides: [model.init=$work/pretrained.safetensors, train.layer_decay=0.75, plugins.toe.enabled=true], note: "+ ToE (keep 0.5/0.75/1.0)"}
   init-toe-tokens: {overrides: [model.init=$work/pretrained.safetensors, train.layer_decay=0.75, plugins.toe.enabled=true, plugins.token_pruning.enabled=true, plugins.token_pruning.keep_rate=0.9], note: "+ ToE + token level 0.9"}
