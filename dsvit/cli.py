@@ -73,7 +73,7 @@ def cmd_train(args) -> int:
         from dsvit.bench.timeline import describe
         from dsvit.engine.plan import make_plan
         from dsvit.registry import build_plugins
-        world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        world_size = args.world_size or _launcher_world_size()
         print("\n".join(make_plan(cfg, world_size, build_plugins, describe).lines))
         return 0
     # everything that can be checked without DeepSpeed, before its start-up (seconds; minutes when it
@@ -177,14 +177,13 @@ def cmd_eval(args) -> int:
 def _check_eval_run(run_dir: Path, tag: str, overrides: list) -> str:
     """Before DeepSpeed: the run folder has its config and an intact checkpoint (its tag is
     returned), the overrides apply, and the data is there."""
-    import yaml
     from dsvit.engine.export import resolve_tag
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():
         raise MissingFileError(f"{cfg_file} not found: {run_dir} is not a dsvit run folder; give the "
                                f"run.dir of a training run")
     tag_dir = resolve_tag(run_dir, tag)
-    cfg = C.apply_overrides(C.from_dict(yaml.safe_load(cfg_file.read_text())), overrides)
+    cfg = C.apply_overrides(C.load_resolved(cfg_file), overrides)
     _check_data_root(str(run_dir / "data") if cfg.data.root == "synthetic" else cfg.data.root)
     return tag_dir.name
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
 from dataclasses import fields
@@ -62,6 +63,7 @@ def _set_plugin(cfg: Config, name: str, values: dict) -> Config:
     return dataclasses.replace(cfg, plugins=FrozenDict({**cfg.plugins, name: section}))
 
 
+@functools.lru_cache(maxsize=None)
 def timm_architecture(name: str) -> dict:
     """The shape of timm's model ``name`` as ModelConfig fields, read off the model built on the meta
     device (no memory, no initialisation); {} for a name timm does not know (validate reports it)."""
@@ -139,10 +141,12 @@ def apply_override(cfg: Config, item: str) -> Config:
 
 def apply_overrides(cfg: Config, items) -> Config:
     """``cfg`` with command-line overrides applied, one layer (``name_architecture``)."""
-    before = cfg
+    before, model_keys = cfg, set()
     for item in items or []:
-        cfg = apply_override(cfg, item)
-    model_keys = {i.split("=", 1)[0].split(".", 1)[1] for i in items or [] if i.startswith("model.")}
+        cfg = apply_override(cfg, item)   # raises on a malformed item before the key is read below
+        section, _, key = item.split("=", 1)[0].partition(".")
+        if section == "model":
+            model_keys.add(key)
     return name_architecture(before, cfg, model_keys)
 
 
@@ -193,6 +197,11 @@ def from_dict(data: dict) -> Config:
 
 def save_resolved(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def load_resolved(path: Path) -> Config:
+    """The config a run recorded (``save_resolved``'s ``RUN_DIR/config.yaml``)."""
+    return from_dict(yaml.safe_load(Path(path).read_text()))
 
 
 # ---------------------------------------------------------------- validation
@@ -294,21 +303,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                 check(cfg)
             except ConfigError as e:
                 raise ConfigError(f"plugins.{name}: {e}") from None
-
-
-def describe_sections() -> str:
-    """Help text: sections and their keys with defaults."""
-    lines = []
-    for f in fields(Config):
-        if f.name == "plugins":
-            continue
-        sec = getattr(Config(), f.name)
-        keys = ", ".join(f"{g.name}={getattr(sec, g.name)!r}" for g in fields(sec))
-        lines.append(f"  {f.name}: {keys}")
-    for name, plugin in sorted(_plugin_registry().items()):
-        keys = ", ".join(g.name for g in fields(plugin.config_class))
-        lines.append(f"  plugins.{name}: {keys}")
-    return "\n".join(lines)
 
 
 def read_ds_config(name: str) -> dict:

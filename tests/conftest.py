@@ -22,3 +22,16 @@ def shards_96_50(tmp_path_factory):
 def shards_96_50_copy(shards_96_50, tmp_path):
     """A private copy of ``shards_96_50`` to damage."""
     return str(shutil.copytree(shards_96_50, tmp_path / "d"))
+
+
+@pytest.fixture
+def decoded_uids(monkeypatch):
+    """The uids ``SampleDecoder.decode`` is called with, in order (decoded in this process: workers=0)."""
+    from dsvit.data.stream import SampleDecoder
+    decoded, orig = [], SampleDecoder.decode
+
+    def counting(self, uid, *a):
+        decoded.append(uid)
+        return orig(self, uid, *a)
+    monkeypatch.setattr(SampleDecoder, "decode", counting)
+    return decoded

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -46,6 +47,24 @@ def node_commands(run_dir: Path, port: int, args: list[str], nodes: int = 2) -> 
     hostfile.write_text("".join(f"{h} slots=1\n" for h in ["localhost", "127.0.0.1"][:nodes]))
     return [[str(DEEPSPEED), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(k),
              "--master_addr", "127.0.0.1", "--master_port", str(port), *args] for k in range(nodes)]
+
+
+def group_run(cmd: list, during=lambda proc: None, timeout: float = 300, port: int = 0) -> tuple[int, str]:
+    """Run ``cmd`` as its own process group (stdout and stderr together), ``during(proc)`` while it
+    runs (e.g. wait for a step, then signal it); (exit status, output). Whatever happens, nothing of
+    the group is left running, nor (``port``) a DeepSpeed shm buffer of the run."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        during(proc)
+        output, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if port:
+            release_shm(port)
+    return proc.returncode, output
 
 
 def launch(run_dir: Path, overrides: list[str], world_size: int = 1, extra: list[str] = (),

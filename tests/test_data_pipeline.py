@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from dsvit.data import pipeline as P
-from dsvit.data.stream import SampleDecoder
 from host_images import finished
 from data_helpers import cfg, collect, write_dataset
 
@@ -131,14 +130,8 @@ def test_batches_for_follows_resampled_rule(even):
 
 
 @pytest.mark.parametrize("mode", ["partitioned", "resampled"])
-def test_keep_set_filters_before_decode(even, monkeypatch, mode):
-    decoded = []
-    orig = SampleDecoder.decode
-
-    def counting(self, uid, *a):
-        decoded.append(uid)
-        return orig(self, uid, *a)
-    monkeypatch.setattr(SampleDecoder, "decode", counting)
+def test_keep_set_filters_before_decode(even, decoded_uids, mode):
+    decoded = decoded_uids
     td = train(even, mode=mode, workers=0)
     assert td.batches_per_epoch == 12
     keep = np.zeros(96, bool)

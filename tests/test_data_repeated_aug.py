@@ -10,7 +10,7 @@ import torch
 
 from dsvit import config as C
 from dsvit.data import pipeline as P
-from dsvit.data.stream import SampleDecoder, decode_image
+from dsvit.data.stream import decode_image
 from dsvit.data.tar_reader import iter_shard
 from dsvit.data.transforms import build_train_transform, image_stages, seed_rngs, stack_images
 from dsvit.errors import ConfigError
@@ -112,14 +112,8 @@ def test_resumed_epoch_continues_with_the_same_batches(shards_96_50, mode):
             assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-def test_keep_set_filters_before_the_copies_and_each_sample_is_decoded_once_per_chunk(shards_96_50, monkeypatch):
-    decoded = []
-    orig = SampleDecoder.decode
-
-    def counting(self, uid, *a):
-        decoded.append(uid)
-        return orig(self, uid, *a)
-    monkeypatch.setattr(SampleDecoder, "decode", counting)
+def test_keep_set_filters_before_the_copies_and_each_sample_is_decoded_once_per_chunk(shards_96_50, decoded_uids):
+    decoded = decoded_uids
     td = train(shards_96_50, 3, mode="partitioned")
     keep = np.zeros(96, bool)
     keep[::2] = True

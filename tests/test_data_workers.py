@@ -11,6 +11,7 @@ from timm.data.random_erasing import RandomErasing
 
 from dsvit.data import pipeline as P
 from dsvit.data.device import HostImages, erase_boxes, finish_on_device
+from dsvit.data.loader import pin_batches
 from dsvit.data.transforms import BatchNormalize, seed_rngs, torch_seed
 from dsvit.engine.host_sync import HostSyncGuard
 from data_helpers import cfg, collect
@@ -63,7 +64,7 @@ def test_uint8_reaches_the_trainer_a_quarter_of_the_float_bytes(shards_96_50):
     assert isinstance(x, HostImages) and x.pixels.dtype == torch.uint8 and valid.all()
 
 
-@pytest.mark.skipif(not torch.accelerator.is_available(), reason="pinning needs an accelerator")
+@pytest.mark.skipif(not pin_batches(), reason="pinning needs an accelerator")
 def test_pinned_batches_on_an_accelerator(shards_96_50):
     images, labels, _ = next(train(shards_96_50, 1).epoch_batches(0))
     assert images.pixels.is_pinned() and labels.is_pinned()

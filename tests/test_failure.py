@@ -20,7 +20,7 @@ import pytest
 
 from dsvit import config as C
 from dsvit.engine.checkpoint import MARKER, find_resumable, problems
-from launch import DEEPSPEED, ENV, ROOT, free_port, loss_trace, node_commands, release_shm
+from launch import DEEPSPEED, ENV, ROOT, free_port, group_run, loss_trace, node_commands, release_shm
 
 STEPS = 30   # under one epoch (32 steps): no epoch-end evaluation
 TRAIN = ["--module", "dsvit", "train", "--config", "tiny_test", "data.synthetic_train=512",
@@ -170,18 +170,10 @@ def test_lost_rank_ends_the_run_and_it_resumes(tmp_path):
     # (3) resume with one launcher on 2 ranks: it finishes from the newest complete checkpoint, and
     # no unfinished tag is left behind
     port = free_port()
-    single = subprocess.Popen([str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(port), *TRAIN,
-                               f"run.dir={run}", "checkpoint.resume=auto", "checkpoint.every_steps=0"],
-                              cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
-    try:
-        output, _ = single.communicate(timeout=300)
-    finally:
-        if single.poll() is None:
-            os.killpg(single.pid, signal.SIGKILL)
-            single.wait()
-        release_shm(port)
-    assert single.returncode == 0, output[-3000:]
+    status, output = group_run([str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(port), *TRAIN,
+                                f"run.dir={run}", "checkpoint.resume=auto", "checkpoint.every_steps=0"],
+                               timeout=300, port=port)
+    assert status == 0, output[-3000:]
     assert f"resumed from {resumed}" in output
     assert max(loss_trace(run)) == STEPS
     assert check_tags(ckpts).name == f"step{STEPS:08d}"

@@ -22,7 +22,7 @@ import pytest
 
 from dsvit.engine.checkpoint import MARKER, problems, rank_file, tag_for
 from dsvit.engine.preemption import StopSignals, exit_status
-from launch import DEEPSPEED, ENV, ROOT, free_port, loss_trace, release_shm
+from launch import DEEPSPEED, ENV, ROOT, free_port, group_run, loss_trace
 
 STEPS_PER_EPOCH = 32   # 512 samples / global batch 16; one epoch
 TRAIN = ["train", "--config", "tiny_test", "data.synthetic_train=512", "data.synthetic_val=40",
@@ -89,18 +89,13 @@ def test_sigterm_mid_epoch_checkpoints_and_the_resume_matches_the_uninterrupted_
     # SIGTERM to the whole process group (Slurm, kill -- -PGID): the rank and its loader
     # workers, which must survive it (the batches do not depend on the worker count)
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "dsvit", *TRAIN, f"run.dir={run}", "data.workers=2"],
-                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
+
+    def sigterm_at_step_5(proc):
         wait_for_step(proc, run, 5)
         os.killpg(proc.pid, signal.SIGTERM)
-        output, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 143, output[-3000:]
+    status, output = group_run([sys.executable, "-m", "dsvit", *TRAIN, f"run.dir={run}", "data.workers=2"],
+                               sigterm_at_step_5, timeout=120)
+    assert status == 143, output[-3000:]
     step = stopped_at(output, run, "SIGTERM")
     assert 5 <= step < STEPS_PER_EPOCH                      # mid-epoch: the default would lose it
     assert max(loss_trace(run)) == step                     # it stopped right there
@@ -142,21 +137,14 @@ def test_a_signal_under_the_launcher_stops_every_rank_at_one_step(tmp_path, targ
            "train.epochs=2", f"run.dir={run}", f"data.workers={int(target == 'process group')}"]
     if target == "process group":
         cmd = ["bash", "-c", 'trap "" USR1 TERM; exec "$@"', "bash", *cmd]
-    launcher = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-    try:
+    def sigusr1_at_step_5(launcher):
         wait_for_step(launcher, run, 5)
         if target == "rank 1":
             rank_process(launcher, 1).send_signal(signal.SIGUSR1)
         else:
             os.killpg(launcher.pid, signal.SIGUSR1)
-        output, _ = launcher.communicate(timeout=120)
-    finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
-            launcher.wait()
-        release_shm(port)
-    assert launcher.returncode == 138, output[-3000:]
+    status, output = group_run(cmd, sigusr1_at_step_5, timeout=120, port=port)
+    assert status == 138, output[-3000:]
     step = stopped_at(output, run, "SIGUSR1")
     assert 5 <= step < 2 * STEPS_PER_EPOCH    # checks every ~0.25 s: not necessarily mid-epoch
     tag = run / "checkpoints" / tag_for(step)

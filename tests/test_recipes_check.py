@@ -13,7 +13,8 @@ from dsvit import config as C
 from dsvit.bench.timeline import describe, growth_stages
 from dsvit.cli import main
 from dsvit.data.pipeline import TrainData, read_info
-from dsvit.engine.plan import SizedData, activation_bytes, make_plan, meta_model, model_state_bytes
+from dsvit.engine.plan import SizedData, activation_bytes, make_plan, model_state_bytes
+from dsvit.model.vit import meta_model
 from dsvit.plugins.growth import ProgressiveGrowth
 from dsvit.registry import build_plugins
 

@@ -222,32 +222,29 @@ class Runner:
 
 def measure(model_name: str, args, device, peak_tflops) -> dict:
     """Time every variant of one model interleaved; returns {"header", "rows", "peak_tflops"}."""
-    from dsvit.config import ModelConfig
-    mcfg = ModelConfig(name=model_name, img_size=args.img, patch_size=args.patch, embed_dim=args.embed_dim,
-                       depth=args.depth, num_heads=args.heads)
-    if mcfg.depth is None or mcfg.patch_size is None:   # the timm model's defaults, read off a probe
-        from dsvit.model.vit import create_vit
-        probe = create_vit(mcfg, args.classes)
-        mcfg = dataclasses.replace(mcfg, depth=mcfg.depth or len(probe.blocks),
-                                   patch_size=mcfg.patch_size or probe.patch_embed.patch_size[0])
-        del probe
+    from dsvit.config import ModelConfig, timm_architecture
+    own = timm_architecture(model_name)   # the timm model's depth and patch where not given
+    mcfg = ModelConfig(name=model_name, img_size=args.img, patch_size=args.patch or own.get("patch_size"),
+                       embed_dim=args.embed_dim, depth=args.depth or own.get("depth"), num_heads=args.heads)
     pc = plugin_configs(args.recipe)
-    runner = Runner(mcfg, pc, run_config(args, device), args.classes, device)
+    runner = Runner(mcfg, pc, args.cfg, args.classes, device)
     methods = ["baseline"] + [m for m in args.methods if m != "baseline"]
     stages = plan(methods, pc, mcfg)
     keys = list(dict.fromkeys(k for rows in stages.values() for _, _, k in rows))
     times = {k: [] for k in keys}
     info: dict = {}
-    for r in range(args.rounds + 1):   # round 0: warm-up, not kept
-        order = keys[r % len(keys):] + keys[:r % len(keys)]
-        for k in (order if r % 2 == 0 else order[::-1]):
-            dt, tokens, macs = runner.step(k)
-            info[k] = (tokens, macs)
-            if r:
-                times[k].append(dt)
-        if args.verbose:
-            print(f"round {r}{' (warm-up)' if r == 0 else ''}: {time.strftime('%X')}", flush=True)
-    runner.close()
+    try:
+        for r in range(args.rounds + 1):   # round 0: warm-up, not kept
+            order = keys[r % len(keys):] + keys[:r % len(keys)]
+            for k in (order if r % 2 == 0 else order[::-1]):
+                dt, tokens, macs = runner.step(k)
+                info[k] = (tokens, macs)
+                if r:
+                    times[k].append(dt)
+            if args.verbose:
+                print(f"round {r}{' (warm-up)' if r == 0 else ''}: {time.strftime('%X')}", flush=True)
+    finally:
+        runner.close()
     med = {k: statistics.median(t) for k, t in times.items()}
     base = stages["baseline"][0][2]
     peak = peak_tflops * 1e12 if peak_tflops else None
@@ -327,10 +324,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise SystemExit(f"throughput: --peak-tflops must be > 0 (the device's dense peak in TFLOP/s), "
                          f"got {args.peak_tflops}")
     try:
-        run = run_config(args, torch.device(args.device)).run
+        args.cfg = run_config(args, torch.device(args.device))
     except ConfigError as e:
         raise SystemExit(f"throughput: {e}") from None
-    args.ds_config, args.dtype = run.ds_config, run.precision   # concrete from here on
+    args.ds_config, args.dtype = args.cfg.run.ds_config, args.cfg.run.precision   # concrete from here on
     return args
 
 
@@ -353,7 +350,7 @@ def main(argv: list[str], start_world) -> int:
     device = torch.device(args.device)
     from dsvit.engine.setup import use_device_numerics
     start_world()   # DeepSpeed engines need a process group: a world of one
-    use_device_numerics(run_config(args, device).run, device)   # TF32 as a run has it
+    use_device_numerics(args.cfg.run, device)   # TF32 as a run has it
     line, peak = device_info(device, args.dtype, args.peak_tflops)
     line += f"; DeepSpeed engine, {args.ds_config}"
     text, results = "", []

@@ -15,7 +15,7 @@ import numpy as np
 from dsvit.data import convert, imagenet
 from dsvit.data import shards as S
 
-IMAGE_SUFFIXES = tuple("." + e for e in S.IMAGE_EXTS)
+IMAGE_SUFFIXES = imagenet.IMAGE_SUFFIXES
 
 
 def _fail(msg: str):
@@ -123,7 +123,8 @@ def _imagefolder_records(args, src: Path):
         _fail(f"split '{args.val_split}' comes both from {src}/{args.val_split} and from --val-dir {flat}; "
               f"name the flat one's split with --val-split NAME")
     class_names = sorted({c for split in tree.values() for c in split})
-    splits = {split: [(class_names.index(c), os.path.relpath(p, src), str(p))
+    index = {c: i for i, c in enumerate(class_names)}   # 1.28M ImageNet files: no list.index per file
+    splits = {split: [(index[c], os.path.relpath(p, src), str(p))
                       for c, files in classes.items() for p in files] for split, classes in tree.items()}
     synsets = imagenet.read_synsets(Path(args.synsets)) if args.synsets else None
     if flat is not None:

@@ -95,6 +95,11 @@ def read_info(root: str) -> dict:
     return info
 
 
+def resampled_batches(active_samples: int, global_micro_batch: int, steps_per_epoch: int, multiple: int) -> int:
+    """Micro-batches per rank of an epoch (resampled-mode rule), before rounding down to ``multiple``."""
+    return steps_per_epoch * multiple if steps_per_epoch > 0 else active_samples // global_micro_batch
+
+
 def num_classes(info: dict) -> int:
     return int(info.get("num_classes") or len(info["class_names"]))
 
@@ -199,23 +204,18 @@ class TrainData:
                 n = min(n, self.cfg.steps_per_epoch * m)
             where = f"the smallest stream's share ({smallest} samples, {self.chunk} per micro-batch)"
         else:
-            n = self._resampled_batches(int(active.sum()))
+            n = resampled_batches(int(active.sum()), self.batch * self.world, self.cfg.steps_per_epoch, m)
             where = f"{int(active.sum())} active samples / ({self.batch} x {self.world} ranks)"
         self.batches_per_epoch = n // m * m
         if self.batches_per_epoch < 1:
             raise ConfigError(f"not enough training data for one step: {where} gives {n} batches, need a "
                              f"multiple of {m}; lower train.batch_size or use more data")
 
-    def _resampled_batches(self, active_samples: int) -> int:
-        """Batches per rank in resampled mode, before rounding down to the multiple."""
-        if self.cfg.steps_per_epoch > 0:
-            return self.cfg.steps_per_epoch * self.multiple
-        return active_samples // (self.batch * self.world)
-
     def batches_for(self, active_samples: int) -> int:
         """Micro-batches per rank of an epoch of ``active_samples`` samples, by the resampled-mode
         rule (in either mode): what a data plugin's epoch plan turns into."""
-        return self._resampled_batches(active_samples) // self.multiple * self.multiple
+        m = self.multiple
+        return resampled_batches(active_samples, self.batch * self.world, self.cfg.steps_per_epoch, m) // m * m
 
     def _plan(self, epoch: int, skip_batches: int, num_batches: Optional[int] = None) -> StreamPlan:
         partitioned = self.cfg.mode == "partitioned"

@@ -24,21 +24,18 @@ run length, the LR schedule and a data plugin's epoch plan as they are without r
 partitioned stream reads only what its epoch uses: about the first 1/R of its shards in the
 epoch's shard order. When the chunk is a multiple of R, the copies of a sample always share a
 micro-batch (hence an optimizer step); otherwise one group per chunk boundary straddles two
-consecutive micro-batches of the stream, as DeiT's groups occasionally straddle two steps. Copies differ in augmentation without any new seed: they are
-separate slots of the chunk, and the chunk's RNGs, seeded per (seed, epoch, stream, g, stage),
-draw for each slot in turn (a straddling copy is in another chunk, with other seeds); the bytes
-are decoded once per chunk. DeiT's slicing puts the copies on different GPUs; here a sample
+consecutive micro-batches of the stream, as DeiT's groups occasionally straddle two steps. Copies
+differ in augmentation with no new seed: they are separate slots drawn in turn from the chunk's
+RNGs (seeded per seed, epoch, stream, g, stage); the bytes are decoded once per chunk. DeiT's slicing puts the copies on different GPUs; here a sample
 belongs to one stream and so to one rank. That is sound for ViTs, which have no BatchNorm: no
 forward op mixes samples, and the gradient is averaged over the global batch, so where a copy is
-computed changes the sum's rounding only. The one per-rank pairing is mixup/cutmix (timm pairs
-slot i with B-1-i): copies meet each other there only in the group, if any, that spans the middle
-of a rank's micro-batch. Resume (skip ``k * chunk`` items of the repeated stream), world size
-and worker independence hold as without repeats: nothing else changed.
+computed changes the sum's rounding only (mixup pairs slot i with B-1-i: copies meet only in a group
+spanning the middle of a rank's micro-batch). Resume (skip ``k * chunk`` items of the repeated
+stream), world size and worker independence hold as without repeats.
 
 Evaluation (``EvalStream``): a rank's val shards are dealt to its workers (``shards[w::W]``); each
 worker batches its own samples and pads its last batch, and worker 0 adds the fully padded batches
-that give every rank the same batch count. Both yield uint8 images (``dsvit.data.device.HostImages``):
-normalisation and random erasing run on the device.
+that give every rank the same batch count. Both yield uint8 ``HostImages`` (normalised on the device).
 
 Counters. Every micro-batch carries the counts of what happened while its samples were read
 (stream events: ``filtered``, ``short_shards``, ``short_shard_missing``, and the short shards
@@ -150,6 +147,8 @@ class SampleReader:
         p, keep = self.plan, self.plan.keep
         for i in shards:
             url, got, kept, err = p.urls[i], 0, 0, None
+            listed = int(p.lengths[i])
+            first = int(p.starts[i]) if p.starts is not None else None
             try:
                 for key, sample in iter_shard(url):
                     got += 1
@@ -157,7 +156,7 @@ class SampleReader:
                         uid = int(key.rsplit("/", 1)[-1])
                     except ValueError:
                         raise ValueError(f"{url}: key '{key}' is not an integer uid; write shards with `dsvit shards`") from None
-                    if p.starts is not None and (got > p.lengths[i] or not p.starts[i] <= uid < p.starts[i] + p.lengths[i]):
+                    if first is not None and (got > listed or not first <= uid < first + listed):
                         self._unlisted(i, got, key)
                     if keep is not None and not keep[uid]:
                         ev.add("filtered")
@@ -281,7 +280,9 @@ class SampleDecoder:
                                f"class a folder), or fix class_names in {INFO_NAME}; `dsvit shards verify "
                                f"{os.path.dirname(url) or '.'}` checks every label")
         try:
-            return decode_image(sample), int(sample["cls"])
+            if label is None:
+                raise ValueError("no readable label (.cls member)")
+            return decode_image(sample), label
         except Exception as e:  # corrupt bytes, bad label
             if self.plan.corrupt == "raise":
                 raise DataError(f"corrupt sample: shard {url} key {key}: {type(e).__name__}: {e}; "

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 from dsvit import config as C
 from dsvit.engine.evaluate import evaluate_model
@@ -32,7 +31,7 @@ def run_eval(run_dir: Path, overrides: list[str], world, make_plugins, tag: str 
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.exists():
         raise C.ConfigError(f"{cfg_file} not found: is {run_dir} a dsvit run directory?")
-    cfg = C.apply_overrides(C.from_dict(yaml.safe_load(cfg_file.read_text())), overrides)
+    cfg = C.apply_overrides(C.load_resolved(cfg_file), overrides)
     device = torch.device(get_accelerator().device_name(world.local_rank))
     tag_dir = resolve_tag(run_dir, tag)
     # the model as it was at that checkpoint (a plugin may have grown it), whatever config.yaml says

@@ -97,14 +97,13 @@ def create_model_call(model: C.ModelConfig, out: Path) -> str:
 def export(run_dir: Path, out: Path, tag: str = "", ema: bool = False) -> str:
     """Write the checkpoint's weights to ``out`` (after checking they fit the architecture the
     checkpoint records); returns what to print: the file and how to load it."""
-    from dsvit.model.vit import create_vit
+    from dsvit.model.vit import meta_model
     tag_dir = resolve_tag(run_dir, tag)
     cfg_file = Path(run_dir) / "config.yaml"
-    base = (C.from_dict(__import__("yaml").safe_load(cfg_file.read_text())).model if cfg_file.is_file()
-            else C.ModelConfig())
+    base = C.load_resolved(cfg_file).model if cfg_file.is_file() else C.ModelConfig()
     model_cfg, notes = checkpoint_model(tag_dir, base)
     weights = load_weights(tag_dir, ema=ema)
-    check_fits(create_vit(model_cfg, model_cfg.num_classes), weights, tag_dir, notes)
+    check_fits(meta_model(model_cfg, model_cfg.num_classes), weights, tag_dir, notes)   # shapes only
     for line in notes:
         print(f"dsvit export: {line}; using the checkpoint's", file=sys.stderr)
     from safetensors.torch import save_file

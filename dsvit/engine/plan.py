@@ -37,6 +37,8 @@ from dsvit.engine.build import epoch_plan, model_config
 from dsvit.engine.compose import check_composition
 from dsvit.engine.plugin_set import PluginSet
 from dsvit.engine.setup import complete_ds_config, lr_schedule, resolve_run
+from dsvit.data.pipeline import resampled_batches
+from dsvit.model.vit import meta_model
 
 MiB = 2 ** 20
 
@@ -54,9 +56,8 @@ class SizedData:
                                 f"micro-batch {global_micro_batch}; lower train.batch_size or use more data")
 
     def batches_for(self, active_samples: int) -> int:
-        n = (self.steps_per_epoch * self.multiple if self.steps_per_epoch > 0
-             else active_samples // self.global_micro)
-        return n // self.multiple * self.multiple
+        m = self.multiple
+        return resampled_batches(active_samples, self.global_micro, self.steps_per_epoch, m) // m * m
 
 
 @dataclass(frozen=True)
@@ -131,13 +132,6 @@ def sized_data(cfg: C.Config, n: int, info: Optional[dict], world_size: int, not
 
 
 # ---------------------------------------------------------------- model and memory
-def meta_model(model_cfg: C.ModelConfig, num_classes: int) -> torch.nn.Module:
-    """The timm model on the meta device: shapes and parameter count, no memory, no init cost."""
-    from dsvit.model.vit import create_vit
-    with torch.device("meta"):
-        return create_vit(model_cfg, num_classes)
-
-
 def model_state_bytes(psi: int, precision: str, stage: int, world: int, offload_optimizer: bool,
                       offload_param: bool) -> dict:
     """Bytes per rank by the ZeRO paper's formula (module docstring); offloaded states go to
@@ -177,7 +171,7 @@ def _lr(train: C.TrainConfig, total: int, steps_per_epoch: int) -> tuple[int, fl
 
 # ---------------------------------------------------------------- the plan
 def make_plan(cfg: C.Config, world_size: int, build_plugins: Callable,
-              describe: Optional[Callable] = None, device: Optional[torch.device] = None) -> Plan:
+              describe: Optional[Callable] = None) -> Plan:
     """Validate ``cfg`` for ``world_size`` ranks and plan the run (ConfigError when invalid).
     ``build_plugins(cfg)`` makes the run's plugins (``dsvit.registry``); ``describe(cfg, plugins,
     total, epoch_steps, final_depth)`` adds their schedules' lines."""
@@ -195,8 +189,7 @@ def make_plan(cfg: C.Config, world_size: int, build_plugins: Callable,
         base, steps = epoch_plan(cfg, data, pset)
         total = cfg.run.max_steps if cfg.run.max_steps > 0 else sum(steps)
         warmup, peak = _lr(t, total, base)
-    if device is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run = resolve_run(cfg.run, device)
     if cfg.run.ds_config == "auto":
         notes.append(f"run.ds_config=auto is {run.ds_config} on this machine ({device.type}); on a GPU "

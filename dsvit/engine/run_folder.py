@@ -106,7 +106,8 @@ def _alive(pid: int, started: Optional[str]) -> bool:
     stat = _proc_stat(pid)
     if stat and stat[0] in ("Z", "X"):   # killed, not yet reaped by its parent
         return False
-    return not (started and stat and _start_time(pid) != started)   # the pid reused since
+    now = stat[19] if stat and len(stat) > 19 else None
+    return not (started and now and now != started)   # the pid reused since
 
 
 class RunLock:

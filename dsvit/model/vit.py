@@ -51,6 +51,12 @@ def compile_blocks(model: torch.nn.Module) -> None:
         blk.compile(dynamic=True)
 
 
+def meta_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
+    """The model on the meta device: shapes and parameter count, no memory, no initialisation."""
+    with torch.device("meta"):
+        return create_vit(cfg, num_classes)
+
+
 def num_patches(model: torch.nn.Module) -> int:
     return int(model.patch_embed.num_patches)
 

@@ -327,9 +327,8 @@ class ProgressiveGrowth(Plugin):
         if self.cfg.mode != "auto" and self.dynamic:
             e = state.epoch
             end = first + (state.epoch_steps[e] if e < len(state.epoch_steps) else state.steps_per_epoch)
-            state.data.set_decode_size(max(row.resolution for i, row in enumerate(self.table)
-                                           if row.start < end and (i + 1 == len(self.table)
-                                                                   or self.table[i + 1].start > first)))
+            last = S.stage_of(end - 1, self.starts)   # resolution never shrinks (on_step_start's max)
+            state.data.set_decode_size(max(row.resolution for row in self.table[:last + 1]))
         if not self.cfg.augreg:
             return
         row = self.table[S.stage_of(first, self.starts)]
