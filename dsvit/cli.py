@@ -94,10 +94,14 @@ def cmd_train(args) -> int:
     run_dir = Path(cfg.run.dir)
     peers = failure.Peers(world) if world.world_size > 1 else None
     stop = preemption.StopSignals(world.world_size)   # SIGTERM/SIGUSR1: checkpoint, exit 128+signal
+    from dsvit.engine.setup import close_world
+    ended_cleanly = False   # on every rank alike: then the process groups are destroyed (close_world)
     try:
         trainer = Trainer(cfg, world, plugins, stop_signals=stop)
         metrics = trainer.fit()
+        ended_cleanly = True
     except preemption.Preempted as p:   # every rank, after the checkpoint is complete
+        ended_cleanly = True
         if world.rank == 0:
             print(p.line, file=sys.stderr, flush=True)
         return p.exit_status
@@ -113,9 +117,14 @@ def cmd_train(args) -> int:
             raise
         failure.exit_now(line)
     finally:
-        stop.restore()
+        if ended_cleanly:
+            stop.finish()
+        else:
+            stop.restore()
         if peers is not None:
             peers.stop()
+        if ended_cleanly:
+            close_world()
     if world.rank == 0:
         print(f"\nfinal top-1 {metrics.get('top1', float('nan')):.2f}%  top-5 "
               f"{metrics.get('top5', float('nan')):.2f}%  (best {trainer.best_top1:.2f}%)")
@@ -170,8 +179,11 @@ def cmd_eval(args) -> int:
         sweep = (name, key, flag, values)
     tag = _check_eval_run(Path(args.run_dir), args.tag, args.overrides)
     world = init_distributed(args)
-    return run_eval(Path(args.run_dir), args.overrides, world, build_plugins, tag=tag,
-                    ema=args.ema, sweep=sweep)
+    status = run_eval(Path(args.run_dir), args.overrides, world, build_plugins, tag=tag,
+                      ema=args.ema, sweep=sweep)
+    from dsvit.engine.setup import close_world
+    close_world()
+    return status
 
 
 def _check_eval_run(run_dir: Path, tag: str, overrides: list) -> str:

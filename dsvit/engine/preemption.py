@@ -117,6 +117,14 @@ class StopSignals:
             signal.signal(s, handler)
         self._previous = {}
 
+    def finish(self) -> None:
+        """On a clean end, every rank: wait for the check in flight (every rank started it) and put
+        the handlers back, so the process groups can be destroyed with no collective pending."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
+        self.restore()
+
     def agreed(self) -> int:
         """The largest signal number any rank had received at the previous check (0: none), the
         same on every rank. A collective: every rank calls it at every step boundary; it checks at

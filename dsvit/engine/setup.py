@@ -20,6 +20,23 @@ class World:
     master_port: int = 0
 
 
+def close_world() -> None:
+    """Destroy every process group, on every rank, once a command has ended cleanly on all of them.
+
+    Why. Gloo runs each collective on a worker thread that keeps the finished work, and the tensors
+    it was given, until it next takes its queue's lock: after the caller has moved on. When the
+    caller had already dropped such a tensor, freeing it means taking the GIL; during interpreter
+    shutdown Python ends a thread that asks for the GIL, inside a C++ destructor, and the process
+    aborts ("terminate called without an active exception", -6 under the launcher, after the run
+    finished). Measured with tests/scripts/gloo_exit.py (torchrun, 2 gloo ranks, 200 all-reduces
+    of temporaries on two groups, one still referenced at exit): 12 of 30 launches aborted, 0 of 30
+    with the groups destroyed first (torch 2.14; pytorch/pytorch#190489). Not on an error path: a
+    rank still waiting in a collective would make the join wait for the gloo timeout."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def seed_everything(seed: int) -> None:
     import random
     import numpy as np

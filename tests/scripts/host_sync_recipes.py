@@ -11,6 +11,7 @@ from pathlib import Path
 
 from dsvit import config as C
 from dsvit.cli import init_distributed
+from dsvit.engine.setup import close_world
 from dsvit.data.memory import MemoryEvalData, MemoryTrainData, random_dataset
 from dsvit.engine.host_sync import HostSyncError, HostSyncGuard
 from dsvit.engine.trainer import Trainer
@@ -72,6 +73,7 @@ def main() -> None:
             results[recipe] = {"error": traceback.format_exc()[-3000:]}
         if world.rank == 0:
             (run_dir / "host_sync.json").write_text(json.dumps(results, indent=1))
+    close_world()   # as dsvit train ends (setup.close_world)
 
 
 if __name__ == "__main__":

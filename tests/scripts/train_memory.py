@@ -25,6 +25,7 @@ import rebuild_probe  # noqa: E402,F401  (registers the 'rebuild_probe' test plu
 
 from dsvit import config as C  # noqa: E402
 from dsvit.cli import init_distributed  # noqa: E402
+from dsvit.engine.setup import close_world  # noqa: E402
 from dsvit.data.memory import MemoryEvalData, MemoryTrainData, random_dataset  # noqa: E402
 from dsvit.engine import optimizer_state as rb  # noqa: E402
 from dsvit.engine.rebuild import host_rss_mib  # noqa: E402
@@ -79,9 +80,8 @@ class Observer(RunObserver):
 
     def checkpointed(self, trainer, tag_dir):
         if self.stop_at is not None and trainer.state.step == self.stop_at:
-            # a stopped job: its checkpoint is complete. os._exit, not sys.exit: tearing the
-            # interpreter down under a live 2-rank ZeRO-3 engine ended once in a C++ terminate
-            # (exit 250) on a loaded machine; what this script tests is the checkpoint
+            # a stopped job: its checkpoint is complete, and leaving at once is the point (no
+            # clean end: close_world is for that, as at the end of main)
             trainer.logger.close()
             sys.stdout.flush()
             sys.stderr.flush()
@@ -122,6 +122,7 @@ def main():
         logits = trainer.engine(images[:8].to(trainer.device, trainer.model_dtype)).float().cpu()
     if world.rank == 0:
         torch.save(logits, os.path.join(cfg.run.dir, "final_logits.pt"))
+    close_world()   # as dsvit train ends: without it a gloo thread may abort the exit (setup.close_world)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import torch
 from deepspeed.utils import safe_get_full_fp32_param
 
 from dsvit.cli import init_distributed
+from dsvit.engine.setup import close_world
 from dsvit.engine.setup import clear_stale_zero3_grads
 
 
@@ -37,6 +38,7 @@ def main():
         if clear:
             clear_stale_zero3_grads(engine)
     torch.save(safe_get_full_fp32_param(engine.module.b.weight).detach().clone(), out)
+    close_world()   # as dsvit train ends (setup.close_world)
 
 
 if __name__ == "__main__":
