@@ -296,6 +296,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                           f"augmentation), got {cfg.data.repeated_aug}; set data.repeated_aug=1 or 3")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
+    if t.eval_every_epochs < 1 or t.eval_samples < 0:
+        raise ConfigError(f"train.eval_every_epochs must be >= 1 and train.eval_samples >= 0 (0: every "
+                          f"evaluation reads the whole split), got {t.eval_every_epochs} and {t.eval_samples}")
     for name, pcfg in cfg.plugins.items():
         check = getattr(pcfg, "validate", None)
         if check is not None:

@@ -94,7 +94,8 @@ class TrainConfig:
     mixup_prob: float = 1.0            # share of batches mixed
     ema_decay: float = 0.0             # 0: no EMA
     layer_decay: float = 0.0           # layer-wise LR decay (BEiT/MAE fine-tuning: 0.65-0.75); 0: off
-    eval_every_epochs: int = 1
+    eval_every_epochs: int = 1         # evaluate at every N-th epoch end (and always at the end of the run)
+    eval_samples: int = 0              # intermediate evaluations read the first N val samples (0: all); the last reads all
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,26 @@ def test_run_times_counts_redone_steps_of_a_resumed_run_once(tmp_path):
         R.run_times(record, _metrics(tmp_path / "n.jsonl", rows[:1]))
 
 
+def test_wall_time_breakdown_from_intervals_less_the_stopped_time(tmp_path):
+    # start-up 50..60, an evaluation of the first 2000 samples 80..90 (a curve point, not the result),
+    # a checkpoint 90..92, the final evaluation 120..130 with the run stopped 122..126 inside it
+    rows = [{"step": 1, "time": 60.0, "interval": "startup", "began": 50.0},
+            {"time": 80.0, "step": 10, "train/step_time_s": 2.0, "train/block_gmacs_per_image": 1.0},
+            {"time": 90.0, "step": 10, "eval_part/top1": 30.0},
+            {"step": 10, "time": 90.0, "interval": "eval", "began": 80.0},
+            {"step": 10, "time": 92.0, "interval": "checkpoint", "began": 90.0},
+            {"time": 120.0, "step": 20, "train/step_time_s": 2.0, "train/block_gmacs_per_image": 1.0},
+            {"time": 130.0, "step": 20, "eval/top1": 41.0},
+            {"step": 20, "time": 130.0, "interval": "eval", "began": 120.0}]
+    record = {"name": "r", "segments": [[50.0, 131.0]], "pauses": [[122.0, 126.0]], "active_s": 77.0}
+    t = R.run_times(record, _metrics(tmp_path / "m.jsonl", rows))
+    assert t.top1 == 41.0 and [a for _, a in t.evals] == [30.0, 41.0]   # the part is on the curve only
+    assert t.breakdown == {"startup": 10.0, "eval": 10.0 + 6.0, "checkpoint": 2.0, "rebuild": 0.0}
+    table = R.time_table({"r": t}, {"r": "base"})
+    # 77 s end to end: start-up 10, steps 40, evaluation 16, checkpoints 2, other 9
+    assert "| base | 77 s | 10 s (13 %) | 40 s (52 %) | 16 s (21 %) | 2 s (3 %) | 0 s (0 %) | 9 s (12 %) |" in table
+
+
 def _times(name, top1, e2e, steps_s, macs, steps=100):
     return R.RunTimes(name, top1, [(e2e, top1)], e2e, steps_s, steps, macs, 0)
 

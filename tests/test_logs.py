@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -41,8 +42,13 @@ def test_redirected_log_has_plain_lines_and_tensorboard_opens_on_the_run(tmp_pat
                                                   "log.image_every_steps=3"])
     assert "\r" not in text and "train:" not in text           # no tqdm frames in a file
     assert steps == list(range(EVERY, STEPS + 1, EVERY))        # one plain line per interval
-    _, quiet = train_to_file(tmp_path, "quiet", ["log.progress=false", "log.tensorboard=false"])
+    # 4 steps an epoch: an intermediate evaluation at step 4 reads the first 20 val samples, the last all 40
+    quiet_text, quiet = train_to_file(tmp_path, "quiet", ["log.progress=false", "log.tensorboard=false",
+                                                          "data.synthetic_train=64", "train.eval_samples=20"])
     assert quiet == steps                                       # progress=false: no bar, same numbers
+    assert re.search(r"step 4 eval_part: top1 [\d.]+ top5 [\d.]+ loss [\d.]+ on 20 samples", quiet_text)
+    assert re.search(r"step 6 eval: top1 [\d.]+ top5 [\d.]+ loss [\d.]+ on 40 samples", quiet_text)
+    assert "(best" in quiet_text and "wall time" in quiet_text
 
     acc = EventAccumulator(str(tmp_path / "bar" / "tb"), size_guidance={"images": 0})
     acc.Reload()
@@ -56,6 +62,14 @@ def test_redirected_log_has_plain_lines_and_tensorboard_opens_on_the_run(tmp_pat
     assert not any(t.startswith("data/") for t in scalars)     # the synthetic data counts nothing
     rows = [json.loads(r) for r in (tmp_path / "bar" / "tb" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == steps   # tools' names stay stable
+    # where the wall time went: start-up first, every evaluation and checkpoint, totals to match
+    intervals = [(r["interval"], r["time"] - r["began"]) for r in rows if "interval" in r]
+    assert intervals[0][0] == "startup" and [k for k, _ in intervals[1:]] == ["eval", "checkpoint"]
+    totals = {k: v for k, v in rows[-1].items() if k.startswith("time/") and k != "time/wall_s"}
+    assert totals["time/eval_s"] == pytest.approx(intervals[1][1], abs=1e-3)
+    assert totals["time/startup_s"] == pytest.approx(intervals[0][1], abs=1e-3) and totals["time/steps_s"] > 0
+    assert "time/startup_s" in scalars and "time/checkpoint_s" in scalars
+    assert re.search(r"wall time \d+ s: start-up [\d.]+ s, steps [\d.]+ s \(data wait [\d.]+ s\), evaluation", text)
 
 
 def test_image_every_steps_alone_builds_the_image_grid_and_enabled_false_wins():

@@ -149,6 +149,8 @@ def _report(folder: Path, spec, results: str) -> None:
     body = (f"`dsvit bench run {_rel(Path(json.loads((folder / 'bench_args.json').read_text())['spec']))}` "
             f"({len(done)} runs, {state['slots']} at a time, switched every {state['quantum_s']:.0f} s)\n\n"
             + R.markdown(rows, spec.baseline)
+            + "\nWhere the wall time goes (seconds of active time, share of end to end):\n\n"
+            + R.time_table(done, variant_of)
             + (f"\nNot finished: {', '.join(missing)}\n" if missing else ""))
     (folder / "report.md").write_text(body)
     print(body)

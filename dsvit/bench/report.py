@@ -7,6 +7,11 @@ and checkpoint time out of them) minus the stopped time that fell inside each wi
 MACs = sum over windows of steps x ``train/block_gmacs_per_image`` (forward, blocks only; backward
 is a fixed multiple of it, so the ratio is the FLOP reduction).
 
+Where the wall time goes (``breakdown``): start-up, evaluation, checkpoint and rebuild seconds from
+the run's wall-time intervals (``RunLogger.wall_interval``), each less the time the scheduler had
+the run stopped inside it; steps as above; "other" is the rest of end to end (the trainer's work
+between steps and outside ``fit``: data set-up per epoch, logging, the exit).
+
 Per variant, over its seeds: top-1 mean and spread (max - min), speed-up = baseline's mean end-to-end
 time / the variant's, the same in steps, images/s in steps, FLOP reduction = baseline's training MACs /
 the variant's, efficiency = speed-up in steps / FLOP reduction (1.0: the saved FLOPs turn into time
@@ -18,6 +23,9 @@ import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+
+
+INTERVAL_KINDS = ("startup", "eval", "checkpoint", "rebuild")   # dsvit.engine.meter's wall intervals
 
 
 def overlap(a0: float, a1: float, intervals: list) -> float:
@@ -41,14 +49,21 @@ class RunTimes:
     steps: int
     train_macs: float      # sum of steps x forward GMACs per image (relative units)
     restarts: int
+    breakdown: dict = None  # seconds: startup, eval, checkpoint, rebuild (active time; see the docstring)
 
 
 def run_times(record: dict, metrics: Path) -> RunTimes:
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     segments, pauses = record["segments"], record["pauses"]
-    evals = [(active_at(r["time"], segments, pauses), r["eval/top1"]) for r in rows if "eval/top1" in r]
-    if not evals:
+    full = [r["eval/top1"] for r in rows if "eval/top1" in r]
+    if not full:
         raise ValueError(f"{metrics}: no evaluation logged; did the run finish?")
+    evals = [(active_at(r["time"], segments, pauses), r.get("eval/top1", r.get("eval_part/top1")))
+             for r in rows if "eval/top1" in r or "eval_part/top1" in r]   # the curve: parts too
+    breakdown = dict.fromkeys(INTERVAL_KINDS, 0.0)
+    for r in rows:
+        if r.get("interval") in breakdown:
+            breakdown[r["interval"]] += (r["time"] - r["began"]) - overlap(r["began"], r["time"], pauses)
     steps_s, macs, steps, prev_t, prev_step = 0.0, 0.0, 0, None, 0
     for r in rows:
         if "train/step_time_s" in r:
@@ -62,8 +77,8 @@ def run_times(record: dict, metrics: Path) -> RunTimes:
             steps += n
             prev_step = r["step"]
         prev_t = r["time"]
-    return RunTimes(record["name"], evals[-1][1], evals, record["active_s"], steps_s, steps, macs,
-                    record.get("restarts", 0))
+    return RunTimes(record["name"], full[-1], evals, record["active_s"], steps_s, steps, macs,
+                    record.get("restarts", 0), breakdown)
 
 
 @dataclass
@@ -122,6 +137,25 @@ def markdown(rows: list[Row], baseline: str) -> str:
                    f"{r.images_per_s:.0f} | {r.flop_reduction:.2f}x | {r.efficiency:.2f} |")
     notes = [f"- {r.variant}: {r.note}" for r in rows if r.note]
     return "\n".join(out + ([""] + notes if notes else [])) + "\n"
+
+
+def time_table(runs: dict, variant_of: dict) -> str:
+    """Per variant (mean over its seeds): where the end-to-end seconds went, and the share of the
+    in-step speed-up that survives end to end is in the main table (speed-up / in steps)."""
+    out = ["| method | end to end | start-up | steps | evaluation | checkpoints | rebuilds | other |",
+           "|" + "---|" * 8]
+    by_variant: dict[str, list] = {}
+    for name, variant in variant_of.items():
+        if name in runs:
+            by_variant.setdefault(variant, []).append(runs[name])
+    for variant, rs in by_variant.items():
+        mean = lambda f: statistics.fmean([f(r) for r in rs])   # noqa: E731
+        parts = [mean(lambda r, k=k: (r.breakdown or {}).get(k, 0.0)) for k in INTERVAL_KINDS]
+        e2e, steps = mean(lambda r: r.end_to_end_s), mean(lambda r: r.steps_s)
+        other = e2e - steps - sum(parts)
+        cells = [f"{v:.0f} s ({100 * v / e2e:.0f} %)" for v in (parts[0], steps, *parts[1:], other)]
+        out.append(f"| {variant} | {e2e:.0f} s | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
 
 
 def plot(runs: dict, variant_of: dict, out: Path) -> None:

@@ -6,6 +6,8 @@ samples per step. The uid of a sample is its index.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
@@ -61,9 +63,9 @@ class MemoryEvalData:
         self.images, self.labels = images, labels
         self.rank, self.world_size, self.local_batch = rank, world_size, local_batch
 
-    def batches(self):
+    def batches(self, max_batches: Optional[int] = None):
         n, glob = len(self.images), self.local_batch * self.world_size
-        for start in range(0, n, glob):
+        for start in range(0, n if max_batches is None else min(n, max_batches * glob), glob):
             idx = torch.arange(start + self.rank * self.local_batch,
                                start + (self.rank + 1) * self.local_batch)
             valid = idx < n

@@ -45,13 +45,13 @@ across ranks and then across each rank's workers; every rank yields the same num
 padding has ``valid=False``; with 'skip', corrupt val samples are ``valid=False`` too, so the
 evaluated count shows what is missing, and ``EvalData.counters()`` says why.
 
-Modules: this one lists shards and sizes epochs (``TrainData``, ``EvalData``); ``dsvit.data.stream``
-reads the streams (``StreamPlan``, ``read_micro_batches``, ``EvalStream``); ``dsvit.data.loader``
-runs the reader thread and the workers; ``dsvit.data.tar_reader`` reads the tars.
+Modules: this one lists shards and sizes epochs (``TrainData``, ``EvalData``); ``.stream`` reads the
+streams; ``.loader`` runs the reader thread and the workers; ``.tar_reader`` reads the tars.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -339,11 +339,13 @@ class EvalData:
         self.transform = build_eval_transform(cfg, img_size)
         self._counters = dict.fromkeys(EVAL_COUNTERS, 0)
 
-    def batches(self):
+    def batches(self, max_batches: Optional[int] = None):
         """This rank's val batches (HostImages, labels, valid). Samples that are missing (short shards)
         or corrupt (``data.corrupt=skip``) are not evaluated: a corrupt one is a valid=False slot.
-        Each pass resets ``counters()``; a shortfall is logged as a warning at the end."""
-        listed = int(self.lengths[self.assign[self.rank]].sum())
+        Each pass resets ``counters()``; a shortfall is logged as a warning at the end. ``max_batches``:
+        the first ones only (``train.eval_samples``; a random subset of a split ``dsvit shards`` shuffled)."""
+        part = max_batches is not None and max_batches < self.num_batches
+        listed = 0 if part else int(self.lengths[self.assign[self.rank]].sum())
         self._counters = dict.fromkeys(EVAL_COUNTERS, 0)
         self._counters["samples_listed"] = listed
         plan = StreamPlan(mode="partitioned", urls=self.urls, lengths=self.lengths, keep=None, active=None,
@@ -353,7 +355,8 @@ class EvalData:
                           num_classes=self.classes)
         ds = EvalStream(plan, self.transform, self.cfg.mean, self.cfg.std, self.quotas)
         short = []
-        for images, labels, valid, stats in eval_loader(ds, self.cfg.workers):
+        for images, labels, valid, stats in itertools.islice(eval_loader(ds, self.cfg.workers),
+                                                             max_batches if part else None):
             short += stats.pop("short", ())
             for k, v in stats.items():
                 if k in self._counters:   # not 'filtered': no keep set here
@@ -361,7 +364,7 @@ class EvalData:
             self._counters["samples_evaluated"] += int(valid.sum())
             yield images, labels, valid
         c = self._counters
-        if c["samples_evaluated"] < listed:
+        if not part and c["samples_evaluated"] < listed:
             why = [f"shard {u} holds {g} of {n} ({w})" for u, g, n, w in short]
             why += [f"{c['corrupt_skipped']} corrupt samples left out"] if c["corrupt_skipped"] else []
             log.warning("val rank %d: evaluated %d of the %d samples %s lists for its shards: %s. "
@@ -381,19 +384,16 @@ class EvalData:
 def stream_data(cfg, world, run_dir) -> tuple:
     """(TrainData, EvalData, number of classes) of a run; ``data.root=synthetic`` makes the
     embedded dataset under ``run_dir/data`` first (rank 0 writes, the others wait)."""
-    import torch.distributed as dist
-    d = cfg.data
-    root = d.root
+    d, root = cfg.data, cfg.data.root
     if root == "synthetic":
         from dsvit.data.synthetic import ensure_synthetic
         root = str(Path(run_dir) / "data")
         if world.rank == 0:
             ensure_synthetic(root, d.synthetic_train, d.synthetic_val, seed=0)
-        if dist.is_initialized():
-            dist.barrier()
-    info = read_info(root)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+    info, t = read_info(root), cfg.train
     common = dict(img_size=cfg.model.img_size, rank=world.rank, world_size=world.world_size)
-    t = cfg.train
     train = TrainData(d, info, local_batch=t.batch_size // (world.world_size * t.grad_accum),
                       seed=cfg.run.seed, batches_multiple=t.grad_accum, **common)
     ev = EvalData(d, info, local_batch=t.eval_batch_size // world.world_size, **common)

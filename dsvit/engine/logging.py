@@ -85,6 +85,13 @@ class RunLogger:
         else:
             self._at_step.append((step, name, float(value)))
 
+    def wall_interval(self, kind: str, began: float, ended: float, step: int) -> None:
+        """A stretch of wall time (``time.time()`` values) spent on ``kind`` (start-up, an evaluation,
+        a checkpoint, a rebuild): a metrics.jsonl row of its own, for ``dsvit bench report``, which
+        subtracts the time its scheduler had the run stopped; TensorBoard has the totals (time/*)."""
+        if self.enabled:
+            self._jsonl.write(json.dumps({"step": step, "time": ended, "interval": kind, "began": began}) + "\n")
+
     def image(self, name: str, img: torch.Tensor, step: Optional[int] = None) -> None:
         """A CHW image in [0, 1], written at the next flush at ``step`` (default: the flush's)."""
         if self.enabled:

@@ -1,11 +1,27 @@
 """Per-interval training metrics: accumulated on device between logging points, one host sync per
-interval. Time spent in evaluation and checkpoints inside an interval (``pause``) is not step time."""
+interval. Time spent in evaluation, checkpoints and engine rebuilds inside an interval (``pause``)
+is not step time.
+
+Where the wall time goes (``time/*``, cumulative seconds of this launch, logged at every interval and
+at the end of the run): ``startup_s`` (process start to the first step: imports, DeepSpeed's
+start-up, data and engine set-up, a resume's loading), ``steps_s`` (optimizer steps, the data wait
+inside them included), ``data_wait_s``, ``eval_s``, ``checkpoint_s``, ``rebuild_s``. What a run spends
+outside the steps caps its end-to-end speed-up: ``dsvit bench report`` tabulates these per variant."""
 from __future__ import annotations
 
 import time
 
+import psutil
 import torch
 import torch.distributed as dist
+
+
+PAUSE_KINDS = ("eval", "checkpoint", "rebuild")   # time outside the steps, by what it was spent on
+
+
+def seconds_since_process_start() -> float:
+    """Wall seconds since this process started (the OS's start time: imports included)."""
+    return time.time() - psutil.Process().create_time()
 
 
 class StepMeter:
@@ -13,6 +29,9 @@ class StepMeter:
         self.world_size, self.global_batch = world_size, global_batch
         self.loss_sum = torch.zeros((), device=device)
         self.start_step = 0
+        self.totals = {"startup_s": 0.0, "steps_s": 0.0, "data_wait_s": 0.0,
+                       **{f"{k}_s": 0.0 for k in PAUSE_KINDS}}
+        self.intervals: list = []   # (kind, began, ended) in time.time(), written at the next log
         self.reset(0)
 
     def reset(self, step: int) -> None:
@@ -27,8 +46,41 @@ class StepMeter:
         self.tokens += tokens
         self.macs += macs
 
-    def pause(self, seconds: float) -> None:
+    def pause(self, seconds: float, kind: str) -> None:
+        """``seconds`` of this interval spent outside the steps, on ``kind`` (one of PAUSE_KINDS)."""
         self.paused += seconds
+        self.totals[f"{kind}_s"] += seconds
+        now = time.time()
+        self.intervals.append((kind, now - seconds, now))
+
+    def started(self, step: int) -> None:
+        """Step ``step + 1`` is next: the time since the process started is start-up."""
+        self.totals["startup_s"] = seconds_since_process_start()
+        self.t_started = time.perf_counter()
+        self.intervals.append(("startup", time.time() - self.totals["startup_s"], time.time()))
+        self.reset(step)
+
+    def finish(self, logger, step: int) -> None:
+        """At the end of the run (its last evaluation and checkpoint done): the totals, and a line."""
+        self.log_totals(logger, step)
+        logger.flush(step)
+        logger.info("%s", self.describe_totals(self.totals["startup_s"] + time.perf_counter() - self.t_started))
+
+    def log_totals(self, logger, step: int) -> None:
+        """The ``time/*`` totals as scalars (written at the logger's next flush), and the intervals."""
+        for name, value in self.totals.items():
+            logger.scalar(f"time/{name}", value)
+        for kind, began, ended in self.intervals:
+            logger.wall_interval(kind, began, ended, step)
+        self.intervals.clear()
+
+    def describe_totals(self, wall_s: float) -> str:
+        """One line: where this launch's wall time went."""
+        t = self.totals
+        outside = wall_s - t["steps_s"] - sum(t[f"{k}_s"] for k in PAUSE_KINDS) - t["startup_s"]
+        return (f"wall time {wall_s:.0f} s: start-up {t['startup_s']:.1f} s, steps {t['steps_s']:.1f} s "
+                f"(data wait {t['data_wait_s']:.1f} s), evaluation {t['eval_s']:.1f} s, checkpoints "
+                f"{t['checkpoint_s']:.1f} s, rebuilds {t['rebuild_s']:.1f} s, other {max(0.0, outside):.1f} s")
 
     def log(self, logger, step: int, lr: float, epoch: float, wall_s: float) -> None:
         """Collective (all-reduces the loss): every rank calls it at the same steps."""
@@ -48,6 +100,9 @@ class StepMeter:
         # forward GMACs per image in the blocks: `dsvit bench` integrates it into the FLOP reduction
         logger.scalar("train/block_gmacs_per_image", self.macs / self.loss_count / 1e9)
         logger.scalar("train/epoch", epoch)
+        self.totals["steps_s"] += dt
+        self.totals["data_wait_s"] += self.data_wait
+        self.log_totals(logger, step)
         logger.scalar("time/wall_s", wall_s)
         logger.flush(step)
         logger.advance(n_steps, epoch=epoch, loss=loss, lr=lr, images_per_s=img_s)

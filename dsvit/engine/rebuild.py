@@ -211,7 +211,7 @@ def rebuild_engine(trainer, request: RebuildRequest) -> Derived:
     clock.lap("restore")
     s.model, s.last_rebuild = trainer.engine.module, request
     trainer.last_rebuild_times = clock.laps
-    trainer.meter.pause(clock.total)
+    trainer.meter.pause(clock.total, "rebuild")
     # at the rebuild's own step, not the next logging interval's
     trainer.logger.scalar("engine/rebuild_s", clock.total, step=s.step)
     trainer.logger.scalar("engine/host_rss_mib", host_rss_mib(), step=s.step)

@@ -131,7 +131,7 @@ class Trainer:
                          engine_saved=lambda tag_dir: self.observer.engine_files_saved(self, tag_dir))
         self.last_checkpoint = path
         self.logger.info("checkpoint %s", path)
-        self.meter.pause(time.perf_counter() - t0)
+        self.meter.pause(time.perf_counter() - t0, "checkpoint")
         self.observer.checkpointed(self, path)
         return path
 
@@ -232,7 +232,7 @@ class Trainer:
         self.logger.start_progress(self.total_steps, s.step)
         metrics: dict = {}
         self.fit_start_time = time.perf_counter()
-        self.meter.reset(s.step)
+        self.meter.started(s.step)   # start-up ends here
         while s.step < self.total_steps:
             self._fire("epoch_start")
             it = self._epoch_batches()
@@ -252,7 +252,7 @@ class Trainer:
                     log_data_counters(self.train_data, self.logger, self.device, s.epoch)
             last = s.step >= self.total_steps
             if (epoch_done and (s.epoch + 1) % t.eval_every_epochs == 0) or last:
-                metrics = self.evaluate()
+                metrics = self.evaluate(final=last)
             if epoch_done:
                 s.epoch += 1
                 s.step_in_epoch = 0
@@ -265,28 +265,28 @@ class Trainer:
                 preemption.stop_if_agreed(self)
         if not metrics:   # resumed at its end (a finished run): evaluate what it holds
             metrics = self.evaluate()
+        self.meter.finish(self.logger, s.step)   # where the wall time went: TensorBoard and a line
         self.plugins.fire("fit_end", s)
         self.logger.close()
         return metrics
 
     def _step_checkpoint_due(self) -> bool:
-        every = self.cfg.checkpoint.every_steps
-        return every > 0 and self.state.step % every == 0
+        return self.cfg.checkpoint.every_steps > 0 and self.state.step % self.cfg.checkpoint.every_steps == 0
 
     # ------------------------------------------------------------ evaluation
     @host_sync.allows("evaluation")
-    def evaluate(self, use_ema: Optional[bool] = None) -> dict:
-        t0, s = time.perf_counter(), self.state
+    def evaluate(self, use_ema: Optional[bool] = None, final: bool = True) -> dict:   # not final: eval_samples
+        t0, s, part = time.perf_counter(), self.state, self.cfg.train.eval_samples and not final
         use_ema = self.ema is not None if use_ema is None else use_ema
         model = self.ema.model if use_ema else self.engine
         self.engine.eval()
         s.training = False
         self.plugins.fire("eval_start", s)
-        metrics = evaluate_model(model, self.eval_data.batches(), self.device,
-                                 torch.float32 if use_ema else self.model_dtype)
+        batches = self.eval_data.batches(self.eval_batches_limit if part else None)
+        metrics = evaluate_model(model, batches, self.device, torch.float32 if use_ema else self.model_dtype)
         log_data_counters(self.eval_data, self.logger, self.device, s.epoch, "eval_data")
-        self.best_top1 = max(self.best_top1, metrics["top1"])
-        prefix = "eval_ema" if use_ema else "eval"
+        prefix = ("eval_ema" if use_ema else "eval") + ("_part" if part else "")   # a part: a curve, not a result
+        self.best_top1 = self.best_top1 if part else max(self.best_top1, metrics["top1"])
         for k in ("top1", "top5", "loss"):
             self.logger.scalar(f"{prefix}/{k}", metrics[k])
         self.logger.scalar("time/wall_s", time.perf_counter() - self.fit_start_time)
@@ -296,5 +296,5 @@ class Trainer:
         self.plugins.fire("eval_end", s)
         s.training = True
         self.engine.train()
-        self.meter.pause(time.perf_counter() - t0)
+        self.meter.pause(time.perf_counter() - t0, "eval")
         return metrics
