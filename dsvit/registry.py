@@ -8,7 +8,8 @@ plugin class carries ``config_class``, a dataclass with at least ``enabled: bool
 from __future__ import annotations
 
 REGISTRY: dict = {}
-BUILTIN = ("attention_sparsity", "example_pruning", "growth", "pss", "toe", "token_pruning", "token_viz")
+BUILTIN = ("attention_sparsity", "efficienttrain", "example_pruning", "growth", "pss", "toe", "token_pruning",
+           "token_viz")
 
 
 def register(cls):

@@ -169,6 +169,8 @@ def describe(cfg, plugins: list, total: Optional[int], epoch_steps: Optional[lis
             out += _pss(p, epoch_steps)
         elif p.name == "example_pruning":
             out += _examples(p)
+        elif p.name == "efficienttrain":
+            out += p.describe(total, epoch_steps)
         elif p.name == "token_viz":
             out.append("token_viz: visualisation only, no schedule")
         else:

@@ -20,7 +20,7 @@ smallest input (patch size from ``cfg.model``), and refuses
 3. a token change strictly inside an attention mask's span (after the mask block's earlier-ordered
    hooks, before the attention of a later block using the mask): the mask would not fit the tokens.
 4. two plugins providing attention masks, or two changing the depth (``TokenStage.set_attn_mask``
-   and ``PluginSet.architecture`` refuse them only later).
+   and ``PluginSet.architecture`` refuse them only later), or two changing the input size.
 
 Counts assume one prefix (class) token. Elastic depth (an AutoProg search's sub-networks, which run
 a subset of the supernet's blocks, hooks of skipped blocks in the next active one) is not modelled;
@@ -78,6 +78,9 @@ class Footprint:
     block_map: Optional[Callable[[int, int], list]] = None
     min_resolution: int = 0
     resolution_keys: tuple = ()
+    # every input side it trains at, when it changes the model's input size (one plugin may: two
+    # schedules of it would fight over the batch; declared as (), a plugin keeps model.img_size)
+    input_sizes: tuple = ()
 
 
 PHASES = ("after_embed", "before_block", "after_attention")   # their order within a block
@@ -87,6 +90,7 @@ def check_composition(plugins, cfg) -> None:
     """Raise ConfigError if the plugins (a PluginSet or a list) cannot work together on ``cfg``."""
     plugins = list(plugins if isinstance(plugins, PluginSet) else PluginSet(list(plugins)))
     prints = [(p, p.footprint() or Footprint()) for p in plugins]
+    _one_input_size(prints, cfg)
     if not any(f.sites or f.mask_blocks or f.depths for _, f in prints):
         return                      # nothing declared: no model lookup either
     _only_one(prints, "mask_blocks", "provide attention masks (one provider per block)")
@@ -163,6 +167,17 @@ def _only_one(prints, field: str, what: str) -> None:
     if len(owners) > 1:
         raise ConfigError(f"plugins {', '.join(owners)} all {what}; only one may: disable all but one "
                           f"(plugins.{owners[1]}.enabled=false)")
+
+
+def _one_input_size(prints, cfg) -> None:
+    owners = [(p, f) for p, f in prints if f.input_sizes]
+    if len(owners) > 1:
+        said = "; ".join(f"plugins.{p.name} trains at {list(f.input_sizes)} px "
+                         f"({_keys(p, f.resolution_keys)})" for p, f in owners)
+        raise ConfigError(f"plugins {', '.join(p.name for p, _ in owners)} all set the model's input size: "
+                          f"{said}; only one may: all but one must keep the full input size, model.img_size="
+                          f"{cfg.model.img_size}, through the keys named, or be disabled "
+                          f"(plugins.{owners[1][0].name}.enabled=false)")
 
 
 def _check_blocks_exist(prints, plan: dict) -> None:

@@ -105,9 +105,10 @@ class ProgressiveGrowth(Plugin):
         c, m = self.cfg, self.config.model
         if m.depth is None:       # refused by the config check: nothing to grow to
             return Footprint()
+        res = c.resolution_list(m)
         return Footprint(depths=tuple(c.depth_list(m)), block_map=surgery.duplicate_last,
                          depth_keys=("depths",) if c.depths else ("depth_scale",),
-                         min_resolution=min(c.resolution_list(m)),
+                         min_resolution=min(res), input_sizes=tuple(res) if len(set(res)) > 1 else (),
                          resolution_keys=("resolutions",) if c.resolutions else ("resolution_scale",))
 
     def _starts(self, state) -> list[int]:
@@ -285,7 +286,8 @@ class ProgressiveGrowth(Plugin):
         if srch is not None and len(srch.batches) < self.cfg.search_batches:
             # kept on the device (a copy to the host would sync every step of the window)
             srch.batches.append((b.images.detach().clone(), b.targets.detach().clone()))
-        if self.step_res and self.step_res != b.images.shape[-1]:
+        # depth-only growth leaves the input size to whoever owns it (compose: one plugin may)
+        if self.dynamic and self.step_res and self.step_res != b.images.shape[-1]:
             b.images = F.interpolate(b.images, size=(self.step_res, self.step_res), mode="bilinear",
                                      align_corners=False)
 
