@@ -205,6 +205,8 @@ def test_one_owner_of_the_input_size_with_growth():
     assert "plugins.efficienttrain.resolutions=[0.4286" in msg and "plugins.growth.resolution_scale=0.5" in msg
     assert "model.img_size=32" in msg and "enabled=false" in msg
     check(ON, "plugins.growth.enabled=true", "plugins.growth.resolution_scale=1")   # depth-only growth
+    with pytest.raises(ConfigError, match="all set the model's input size"):   # AutoProg scores at its sizes
+        check(ON, "plugins.growth.enabled=true", "plugins.growth.resolution_scale=1", "plugins.growth.mode=auto")
     check("plugins.growth.enabled=true")                                            # growth alone
 
 

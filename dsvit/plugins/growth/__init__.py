@@ -106,9 +106,13 @@ class ProgressiveGrowth(Plugin):
         if m.depth is None:       # refused by the config check: nothing to grow to
             return Footprint()
         res = c.resolution_list(m)
+        # AutoProg scores its candidates on batches at their own sizes (and builds its momentum
+        # copies without dynamic_img_size at a single size): it owns the input size even when
+        # every candidate is full size
+        owns_size = len(set(res)) > 1 or c.mode == "auto"
         return Footprint(depths=tuple(c.depth_list(m)), block_map=surgery.duplicate_last,
                          depth_keys=("depths",) if c.depths else ("depth_scale",),
-                         min_resolution=min(res), input_sizes=tuple(res) if len(set(res)) > 1 else (),
+                         min_resolution=min(res), input_sizes=tuple(res) if owns_size else (),
                          resolution_keys=("resolutions",) if c.resolutions else ("resolution_scale",))
 
     def _starts(self, state) -> list[int]:
