@@ -124,7 +124,7 @@ def cmd_train(args) -> int:
         if peers is not None:
             peers.stop()
         if ended_cleanly:
-            close_world()
+            close_world(world)
     if world.rank == 0:
         print(f"\nfinal top-1 {metrics.get('top1', float('nan')):.2f}%  top-5 "
               f"{metrics.get('top5', float('nan')):.2f}%  (best {trainer.best_top1:.2f}%)")
@@ -182,7 +182,7 @@ def cmd_eval(args) -> int:
     status = run_eval(Path(args.run_dir), args.overrides, world, build_plugins, tag=tag,
                       ema=args.ema, sweep=sweep)
     from dsvit.engine.setup import close_world
-    close_world()
+    close_world(world)
     return status
 
 

@@ -20,8 +20,10 @@ class World:
     master_port: int = 0
 
 
-def close_world() -> None:
-    """Destroy every process group, on every rank, once a command has ended cleanly on all of them.
+def close_world(world: World) -> None:
+    """Destroy every process group, on every rank, once a command has ended cleanly on all of them
+    (a world of one keeps its group: a caller in the same process, a notebook or a test, may go on
+    using it, as before).
 
     Why. Gloo runs each collective on a worker thread that keeps the finished work, and the tensors
     it was given, until it next takes its queue's lock: after the caller has moved on. When the
@@ -33,7 +35,7 @@ def close_world() -> None:
     with the groups destroyed first (torch 2.14; pytorch/pytorch#190489). Not on an error path: a
     rank still waiting in a collective would make the join wait for the gloo timeout."""
     import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
+    if world.world_size > 1 and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 

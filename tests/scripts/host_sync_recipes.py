@@ -74,7 +74,7 @@ def main() -> None:
             results[recipe] = {"error": traceback.format_exc()[-3000:]}
         if world.rank == 0:
             (run_dir / "host_sync.json").write_text(json.dumps(results, indent=1))
-    close_world()   # as dsvit train ends (setup.close_world)
+    close_world(world)   # as dsvit train ends (setup.close_world)
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ def main():
         logits = trainer.engine(images[:8].to(trainer.device, trainer.model_dtype)).float().cpu()
     if world.rank == 0:
         torch.save(logits, os.path.join(cfg.run.dir, "final_logits.pt"))
-    close_world()   # as dsvit train ends: without it a gloo thread may abort the exit (setup.close_world)
+    close_world(world)   # as dsvit train ends: without it a gloo thread may abort the exit (setup.close_world)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ class TwoLayers(torch.nn.Module):
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     stage, out, clear = int(args[0]), args[1], "--no-clear" not in args
-    init_distributed(None)   # gloo, and DeepSpeed's shm buffer name released as in dsvit train
+    world = init_distributed(None)   # gloo, and DeepSpeed's shm buffer name released as in dsvit train
     torch.manual_seed(0)
     model = TwoLayers()
     opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.0)
@@ -38,7 +38,7 @@ def main():
         if clear:
             clear_stale_zero3_grads(engine)
     torch.save(safe_get_full_fp32_param(engine.module.b.weight).detach().clone(), out)
-    close_world()   # as dsvit train ends (setup.close_world)
+    close_world(world)   # as dsvit train ends (setup.close_world)
 
 
 if __name__ == "__main__":
