@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -15,7 +14,6 @@ from dsvit.cli import main
 from dsvit.data.pipeline import TrainData, read_info
 from dsvit.engine.plan import SizedData, activation_bytes, make_plan, model_state_bytes
 from dsvit.model.vit import meta_model
-from dsvit.plugins.growth import ProgressiveGrowth
 from dsvit.registry import build_plugins
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,10 +132,11 @@ def test_stack_variants_grow_at_stack_yaml_fractions_of_a_300_epoch_run():
 def test_growth_stage_starts_are_the_plugins_own(unit, starts):
     cfg = C.load_config("stack", [f"plugins.growth.stage_unit={unit}", f"plugins.growth.stage_starts={starts}"])
     p = plan("stack", f"plugins.growth.stage_unit={unit}", f"plugins.growth.stage_starts={starts}")
-    growth = ProgressiveGrowth(cfg.plugins["growth"], cfg)
-    state = SimpleNamespace(total_steps=p.total_steps, epoch_steps=p.epoch_steps)
     rows = growth_stages(cfg.plugins["growth"], cfg, p.total_steps, p.epoch_steps)
-    assert [r.start for r in rows] == growth._starts(state)
+    expected = ([round(f * p.total_steps) for f in starts] if unit == "fraction" else
+                [sum(p.epoch_steps[:e]) for e in starts] if unit == "epoch" else starts)
+    assert [r.start for r in rows] == expected
+    assert cfg.plugins["growth"].start_steps(p.total_steps, p.epoch_steps) == expected   # what the plugin runs
 
 
 def test_sized_data_sizes_epochs_as_train_data(shards_96_50):

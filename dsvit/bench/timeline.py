@@ -44,13 +44,7 @@ def epoch_of(step: int, epoch_steps: list) -> int:
 def growth_stages(g, cfg, total: int, epoch_steps: list) -> list:
     """Growth's stage table (``schedule.Stage`` rows: first step, depth, input size, RandAugment
     magnitude, drop-path, erasing) for a run of ``total`` steps."""
-    starts = list(g.stage_starts) or S.linspace(0, 1, g.stages + 1)[:-1]
-    if g.stage_unit == "fraction":
-        steps = S.fraction_steps(starts, total)
-    elif g.stage_unit == "epoch":
-        steps = [sum(epoch_steps[:int(e)]) for e in starts]
-    else:
-        steps = [int(s) for s in starts]
+    steps = g.start_steps(total, epoch_steps)
     scale = (lambda v: v) if g.augreg else (lambda v: 1.0)
     return S.stage_table(steps, g.depth_list(cfg.model), g.resolution_list(cfg.model),
                          max_magnitude(cfg.data.auto_augment), cfg.model.drop_path_rate,
@@ -79,9 +73,8 @@ def _growth(p, cfg, total: int, epoch_steps: list, patch: int) -> list[str]:
     if g.mode == "manual":
         out.append(f"  engine rebuilds at steps {', '.join(f'{r.start:,}' for r in rows[1:])}")
     else:
-        window = (round(g.search_length * total) if g.stage_unit == "fraction" else
-                  round(g.search_length * epoch_steps[0]) if g.stage_unit == "epoch" else int(g.search_length))
-        out.append(f"  each stage but the last starts with a {max(1, window):,}-step search over depths "
+        window = g.search_steps(total, epoch_steps)
+        out.append(f"  each stage but the last starts with a {window:,}-step search over depths "
                    f"{g.depth_list(cfg.model)} x input sizes {g.resolution_list(cfg.model)}")
     return out
 

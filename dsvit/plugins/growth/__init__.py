@@ -115,23 +115,6 @@ class ProgressiveGrowth(Plugin):
                          min_resolution=min(res), input_sizes=tuple(res) if owns_size else (),
                          resolution_keys=("resolutions",) if c.resolutions else ("resolution_scale",))
 
-    def _starts(self, state) -> list[int]:
-        c = self.cfg
-        starts = list(c.stage_starts) or S.linspace(0, 1, c.stages + 1)[:-1]
-        if c.stage_unit == "fraction":
-            return S.fraction_steps(starts, state.total_steps)
-        if c.stage_unit == "epoch":
-            return [sum(state.epoch_steps[:int(e)]) for e in starts]
-        return [int(s) for s in starts]
-
-    def _search_steps(self, state) -> int:
-        c = self.cfg
-        if c.stage_unit == "fraction":
-            return max(1, round(c.search_length * state.total_steps))
-        if c.stage_unit == "epoch":
-            return max(1, round(c.search_length * state.epoch_steps[0]))
-        return int(c.search_length)
-
     def _build(self, state, depth: int) -> torch.nn.Module:
         arch = dict(self.architecture(), depth=depth)
         return build_plain(self.model_cfg, state.num_classes, **arch)
@@ -140,7 +123,7 @@ class ProgressiveGrowth(Plugin):
         if not state.training:          # dsvit eval: the checkpoint's architecture is all that matters
             return
         c, t = self.cfg, self.config.train
-        starts = self._starts(state)
+        starts = self.cfg.start_steps(state.total_steps, state.epoch_steps)
         if len(set(starts)) != len(starts):
             raise ConfigError(f"plugins.growth: stage starts {starts} (steps of {state.total_steps}) "
                              f"collide; the run is too short for {c.stages} stages")
@@ -150,7 +133,7 @@ class ProgressiveGrowth(Plugin):
                                    self.data_cfg.reprob, c.aa_scale if c.augreg else 1.0,
                                    c.dp_scale if c.augreg else 1.0, c.re_scale if c.augreg else 1.0)
         self.starts = [r.start for r in self.table]
-        self.window = self._search_steps(state)
+        self.window = self.cfg.search_steps(state.total_steps, state.epoch_steps)
         if c.mode == "auto" and self.window * t.grad_accum < 2 * c.search_batches:
             raise ConfigError(f"plugins.growth: a search of {self.window} steps is too short to keep "
                              f"{c.search_batches} micro-batches and score them; raise search_length")

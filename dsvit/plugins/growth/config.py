@@ -103,6 +103,23 @@ class GrowthConfig:
             raise ConfigError(f"augreg scales the RandAugment magnitude, but data.auto_augment="
                               f"'{cfg.data.auto_augment}' has no -m<N>; use e.g. rand-m9-mstd0.5-inc1")
 
+    def start_steps(self, total_steps: int, epoch_steps) -> list[int]:
+        """Each stage's first optimizer step in a run of ``total_steps`` (``epoch_steps``: per epoch)."""
+        starts = list(self.stage_starts) or S.linspace(0, 1, self.stages + 1)[:-1]
+        if self.stage_unit == "fraction":
+            return S.fraction_steps(starts, total_steps)
+        if self.stage_unit == "epoch":
+            return [sum(epoch_steps[:int(e)]) for e in starts]
+        return [int(s) for s in starts]
+
+    def search_steps(self, total_steps: int, epoch_steps) -> int:
+        """The length of an AutoProg search window, in optimizer steps (at least one)."""
+        if self.stage_unit == "fraction":
+            return max(1, round(self.search_length * total_steps))
+        if self.stage_unit == "epoch":
+            return max(1, round(self.search_length * epoch_steps[0]))
+        return max(1, int(self.search_length))
+
     def depth_list(self, model_cfg) -> list[int]:
         return list(self.depths) or S.default_depths(model_cfg.depth, self.depth_scale, self.stages)
 
