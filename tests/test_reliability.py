@@ -63,6 +63,24 @@ def test_resume_with_other_data_streams_is_refused(trained, tmp_path):
     assert snapshot(run) == before                        # nothing trained, nothing rewritten
 
 
+def test_resume_says_which_other_settings_changed(trained, tmp_path):
+    run = copy_of(trained, tmp_path)
+    proc = train(run, "train.lr=0.002", "train.eval_samples=20", "checkpoint.resume=auto")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [l for l in (proc.stdout + proc.stderr).splitlines() if "resuming with settings that differ" in l]
+    assert len(lines) == 1, proc.stdout + proc.stderr       # one line, not one per key
+    assert "train.eval_samples: 0 -> 20; train.lr: 0.001 -> 0.002" in lines[0]
+    assert "checkpoint.resume" not in lines[0] and "data.mean" not in lines[0]   # launch keys; tuples == lists
+
+
+def test_changed_settings_flattens_and_skips_launch_keys():
+    from dsvit.engine.resume import changed_settings
+    before = {"train": {"lr": 0.001, "betas": [0.9, 0.999]}, "checkpoint": {"resume": ""}, "plugins": {"toe": {"enabled": False}}}
+    after = {"train": {"lr": 0.002, "betas": [0.9, 0.999]}, "checkpoint": {"resume": "auto"}, "plugins": {"toe": {"enabled": True}}}
+    assert changed_settings(before, after) == ["plugins.toe.enabled: False -> True", "train.lr: 0.001 -> 0.002"]
+    assert changed_settings(before, before) == []
+
+
 def test_every_marker_field_is_compared_or_allowed(trained):
     """A field recorded in the marker that changes the run's meaning must be in the fingerprint
     (compared on resume); the others are listed, with the reason, in MAY_DIFFER."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import yaml
 
 from dsvit import config as C
 from dsvit.engine import checkpoint as ckpt
@@ -83,8 +84,14 @@ def build(t, cfg: C.Config, world, plugins: list, train_data=None, eval_data=Non
     else:
         run_folder.claim(t.run_dir, cfg.run.overwrite, cfg.checkpoint.resume, world.rank, log)
         t.run_id = ckpt.agree(uuid.uuid4().hex[:12])
+    recorded = t.run_dir / "config.yaml"
+    if world.rank == 0 and t.resume_tag and recorded.is_file():
+        now = yaml.safe_load(yaml.safe_dump(C.to_dict(cfg), sort_keys=False))   # as recorded: lists, not tuples
+        changed = resume.changed_settings(yaml.safe_load(recorded.read_text()), now)
+        if changed:
+            log.warning("resuming with settings that differ from the run's (%s): %s", recorded, "; ".join(changed))
     if world.rank == 0:
-        C.save_resolved(cfg, t.run_dir / "config.yaml")
+        C.save_resolved(cfg, recorded)
 
     torch.manual_seed(cfg.run.seed)   # identical initial weights on every rank
     model, t.stage = build_model(t.model_cfg, num_classes)

@@ -124,3 +124,23 @@ def reslice_batch(parts: list, rank: int, world_size: int, dim: int = 0):
         raise ValueError(f"a global batch of {whole.shape[dim]} does not split over {world_size} ranks")
     k = whole.shape[dim] // world_size
     return whole.narrow(dim, rank * k, k).clone()
+
+
+# keys that say how to start this launch, not what the run is
+LAUNCH_KEYS = ("checkpoint.resume", "run.overwrite")
+
+
+def changed_settings(recorded: dict, now: dict) -> list[str]:
+    """``section.key: recorded -> now`` for every setting this launch changes against the run's
+    recorded config (RUN_DIR/config.yaml, ``config.to_dict`` form). The checkpoint's marker already
+    refused what would make the resume wrong (architecture, batch, run length, streams, plugins);
+    the rest (learning rate, augmentation, evaluation, logging) may change on purpose, so it is said
+    once, in a warning, rather than refused."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+    a, b = flat(recorded), flat(now)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if k not in LAUNCH_KEYS and a.get(k) != b.get(k)]
