@@ -117,13 +117,12 @@ def cmd_train(args) -> int:
             raise
         failure.exit_now(line)
     finally:
-        if ended_cleanly:
-            stop.finish()
-        else:
+        if not ended_cleanly:
             stop.restore()
         if peers is not None:
             peers.stop()
-        if ended_cleanly:
+        if ended_cleanly:   # every rank: the check in flight waited for, then the groups destroyed
+            stop.finish()
             close_world(world)
     if world.rank == 0:
         print(f"\nfinal top-1 {metrics.get('top1', float('nan')):.2f}%  top-5 "

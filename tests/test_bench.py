@@ -122,6 +122,20 @@ def test_wall_time_breakdown_from_intervals_less_the_stopped_time(tmp_path):
     assert "| base | 77 s | 10 s (13 %) | 40 s (52 %) | 16 s (21 %) | 2 s (3 %) | 0 s (0 %) | 9 s (12 %) |" in table
 
 
+def test_step_time_takes_out_the_stops_between_steps_not_those_inside_a_checkpoint(tmp_path):
+    # steps 1-10 logged at t=130: 100..110 steps (stopped 104..106), 110..120 a checkpoint (stopped
+    # 112..115: not step time, the trainer's logged time already leaves the checkpoint out), 120..130
+    # steps; logged step time = 20 s of wall time + the 2 s stop among the steps
+    rows = [{"time": 100.0, "step": 0, "train/step_time_s": 0.0, "train/block_gmacs_per_image": 1.0},
+            {"step": 10, "time": 120.0, "interval": "checkpoint", "began": 110.0},
+            {"time": 130.0, "step": 10, "train/step_time_s": 2.2, "train/block_gmacs_per_image": 1.0},
+            {"time": 131.0, "step": 10, "eval/top1": 40.0}]
+    record = {"name": "r", "segments": [[90.0, 132.0]], "pauses": [[104.0, 106.0], [112.0, 115.0]], "active_s": 37.0}
+    t = R.run_times(record, _metrics(tmp_path / "m.jsonl", rows))
+    assert t.steps_s == pytest.approx(22.0 - 2.0)
+    assert t.breakdown["checkpoint"] == pytest.approx(10.0 - 3.0)
+
+
 def _times(name, top1, e2e, steps_s, macs, steps=100):
     return R.RunTimes(name, top1, [(e2e, top1)], e2e, steps_s, steps, macs, 0)
 

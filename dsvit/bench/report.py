@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -49,7 +49,7 @@ class RunTimes:
     steps: int
     train_macs: float      # sum of steps x forward GMACs per image (relative units)
     restarts: int
-    breakdown: dict = None  # seconds: startup, eval, checkpoint, rebuild (active time; see the docstring)
+    breakdown: dict = field(default_factory=dict)  # seconds: startup, eval, checkpoint, rebuild (active time; see the docstring)
 
 
 def run_times(record: dict, metrics: Path) -> RunTimes:
@@ -61,22 +61,27 @@ def run_times(record: dict, metrics: Path) -> RunTimes:
     evals = [(active_at(r["time"], segments, pauses), r.get("eval/top1", r.get("eval_part/top1")))
              for r in rows if "eval/top1" in r or "eval_part/top1" in r]   # the curve: parts too
     breakdown = dict.fromkeys(INTERVAL_KINDS, 0.0)
+    intervals = [(r["began"], r["time"]) for r in rows if r.get("interval") in breakdown]
     for r in rows:
         if r.get("interval") in breakdown:
             breakdown[r["interval"]] += (r["time"] - r["began"]) - overlap(r["began"], r["time"], pauses)
     steps_s, macs, steps, prev_t, prev_step = 0.0, 0.0, 0, None, 0
     for r in rows:
-        if "train/step_time_s" in r:
-            if r["step"] <= prev_step:   # a resumed run logs its redone steps again: count them once
-                prev_step = r["step"] - 1
-            n = r["step"] - prev_step
-            logged = n * r["train/step_time_s"]
-            start = prev_t if prev_t is not None else r["time"] - logged
-            steps_s += max(0.1 * logged, logged - overlap(start, r["time"], pauses))
-            macs += n * r.get("train/block_gmacs_per_image", float("nan"))
-            steps += n
-            prev_step = r["step"]
-        prev_t = r["time"]
+        if "train/step_time_s" not in r:
+            continue
+        if r["step"] <= prev_step:   # a resumed run logs its redone steps again: count them once
+            prev_step = r["step"] - 1
+        n = r["step"] - prev_step
+        logged = n * r["train/step_time_s"]
+        start = prev_t if prev_t is not None else r["time"] - logged
+        # the logged step time leaves evaluations, checkpoints and rebuilds out already (the
+        # trainer's pauses): the stops to take out are those in the window but outside them
+        stopped = overlap(start, r["time"], pauses) - sum(
+            overlap(max(a, start), min(b, r["time"]), pauses) for a, b in intervals if a < r["time"] and b > start)
+        steps_s += max(0.1 * logged, logged - stopped)
+        macs += n * r.get("train/block_gmacs_per_image", float("nan"))
+        steps += n
+        prev_step, prev_t = r["step"], r["time"]
     return RunTimes(record["name"], full[-1], evals, record["active_s"], steps_s, steps, macs,
                     record.get("restarts", 0), breakdown)
 
@@ -150,7 +155,7 @@ def time_table(runs: dict, variant_of: dict) -> str:
             by_variant.setdefault(variant, []).append(runs[name])
     for variant, rs in by_variant.items():
         mean = lambda f: statistics.fmean([f(r) for r in rs])   # noqa: E731
-        parts = [mean(lambda r, k=k: (r.breakdown or {}).get(k, 0.0)) for k in INTERVAL_KINDS]
+        parts = [mean(lambda r, k=k: r.breakdown.get(k, 0.0)) for k in INTERVAL_KINDS]
         e2e, steps = mean(lambda r: r.end_to_end_s), mean(lambda r: r.steps_s)
         other = e2e - steps - sum(parts)
         cells = [f"{v:.0f} s ({100 * v / e2e:.0f} %)" for v in (parts[0], steps, *parts[1:], other)]

@@ -63,6 +63,10 @@ class MemoryEvalData:
         self.images, self.labels = images, labels
         self.rank, self.world_size, self.local_batch = rank, world_size, local_batch
 
+    @property
+    def num_batches(self) -> int:
+        return -(-len(self.images) // (self.local_batch * self.world_size))
+
     def batches(self, max_batches: Optional[int] = None):
         n, glob = len(self.images), self.local_batch * self.world_size
         for start in range(0, n if max_batches is None else min(n, max_batches * glob), glob):

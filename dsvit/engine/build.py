@@ -53,7 +53,8 @@ def build(t, cfg: C.Config, world, plugins: list, train_data=None, eval_data=Non
         from dsvit.data.pipeline import stream_data
         train_data, eval_data, num_classes = stream_data(cfg, world, Path(cfg.run.dir))
     t.train_data, t.eval_data, t.num_classes = train_data, eval_data, num_classes
-    t.eval_batches_limit = -(-cfg.train.eval_samples // cfg.train.eval_batch_size)   # per rank, 0: all
+    part = -(-cfg.train.eval_samples // cfg.train.eval_batch_size)   # batches per rank of an intermediate eval
+    t.eval_batches_limit = part if part < eval_data.num_batches else 0   # 0: every evaluation reads all
     if num_classes != cfg.model.num_classes and world.rank == 0:
         log.warning("model.num_classes=%d replaced by the data's %d classes (%s): the head has one output "
                     "per class of the data", cfg.model.num_classes, num_classes, cfg.data.root)

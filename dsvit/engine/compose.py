@@ -162,22 +162,20 @@ def _layouts(prints, depth: int, plan: dict):
 
 
 # ---------------------------------------------------------------- the checks
-def _only_one(prints, field: str, what: str) -> None:
-    owners = [p.name for p, f in prints if getattr(f, field)]
+def _only_one(prints, field: str, what: str, detail=None, fix: str = "") -> None:
+    """At most one plugin may declare ``field``; ``detail(p, f)`` says what each owner declared."""
+    owners = [(p, f) for p, f in prints if getattr(f, field)]
     if len(owners) > 1:
-        raise ConfigError(f"plugins {', '.join(owners)} all {what}; only one may: disable all but one "
-                          f"(plugins.{owners[1]}.enabled=false)")
+        said = ": " + "; ".join(detail(p, f) for p, f in owners) if detail else ""
+        raise ConfigError(f"plugins {', '.join(p.name for p, _ in owners)} all {what}{said}; only one may: "
+                          f"{fix}disable all but one (plugins.{owners[1][0].name}.enabled=false)")
 
 
 def _one_input_size(prints, cfg) -> None:
-    owners = [(p, f) for p, f in prints if f.input_sizes]
-    if len(owners) > 1:
-        said = "; ".join(f"plugins.{p.name} trains at {list(f.input_sizes)} px "
-                         f"({_keys(p, f.resolution_keys)})" for p, f in owners)
-        raise ConfigError(f"plugins {', '.join(p.name for p, _ in owners)} all set the model's input size: "
-                          f"{said}; only one may: all but one must keep the full input size, model.img_size="
-                          f"{cfg.model.img_size}, through the keys named, or be disabled "
-                          f"(plugins.{owners[1][0].name}.enabled=false)")
+    _only_one(prints, "input_sizes", "set the model's input size",
+              lambda p, f: f"plugins.{p.name} trains at {list(f.input_sizes)} px ({_keys(p, f.resolution_keys)})",
+              f"all but one must keep the full input size, model.img_size={cfg.model.img_size}, through the "
+              f"keys named, or ")
 
 
 def _check_blocks_exist(prints, plan: dict) -> None:

@@ -170,5 +170,6 @@ def stop_if_agreed(trainer) -> None:
     step, tag_dir = trainer.state.step, trainer.last_checkpoint
     if tag_dir is None or Path(tag_dir).name != ckpt.tag_for(step):
         tag_dir = trainer.save_checkpoint()
+    trainer.meter.finish(trainer.logger, step)   # this launch's wall-time split, the stop checkpoint included
     trainer.logger.close()
     raise Preempted(signum, step, tag_dir)

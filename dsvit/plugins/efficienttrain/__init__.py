@@ -96,15 +96,19 @@ class EfficientTrain(Plugin):
         """The schedule of a ``total_steps`` run, one line per stage (``dsvit train --check``)."""
         c = self.cfg
         head = (f"efficienttrain: {len(self.sides)} stages of equal compute over {total_steps:,} steps, "
-                f"batches reduced by {c.lowpass}; compute (pixels) {self.relative_cost(total_steps):.3f} "
-                f"of the same steps at {self.full} px")
+                f"batches reduced by {c.lowpass}; compute {self.relative_cost(total_steps):.3f} of the same "
+                f"steps at {self.full} px in pixels")
+        m = self.config.model
+        if m.depth and m.embed_dim:   # the ViT's multiply-accumulates (blocks and patch embedding)
+            macs = lambda side: S.vit_cost(side, self.patch, m.embed_dim, m.depth, m.mlp_ratio or 4.0)   # noqa: E731
+            head += f", {self.relative_cost(total_steps, macs):.3f} in the ViT's multiply-accumulates"
         crop_full = self.full if c.decode == "full" else 0
         return [head] + S.describe(self.stage_table(total_steps), self.patch, epoch_steps, total_steps, crop_full)
 
-    def relative_cost(self, total_steps: int) -> float:
-        table = self.stage_table(total_steps)
-        steps = [r.end - r.start for r in table]
-        return S.run_cost(steps, self.sides, S.pixel_cost) / (total_steps * S.pixel_cost(self.full))
+    def relative_cost(self, total_steps: int, cost=S.pixel_cost) -> float:
+        """The run's cost against the same steps at the full side (``cost``: side -> cost of an image)."""
+        steps = [r.end - r.start for r in self.stage_table(total_steps)]
+        return S.run_cost(steps, self.sides, cost) / (total_steps * cost(self.full))
 
     # ------------------------------------------------------------ events
     def on_fit_start(self, state) -> None:
@@ -138,8 +142,8 @@ class EfficientTrain(Plugin):
 
     def on_after_step(self, state) -> None:
         log = state.logger
-        if log is None:
-            return
+        if log is None or (state.step % self.config.log.every_steps and state.step != self.total):
+            return   # the logger keeps a logging step's values only
         log.scalar("efficienttrain/resolution", self.side)
         log.scalar("efficienttrain/tokens_per_image", (self.side // self.patch) ** 2 + 1)
         log.scalar("efficienttrain/progress",
