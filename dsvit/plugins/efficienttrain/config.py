@@ -2,14 +2,13 @@
 whether RandAugment's magnitude follows the stages."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
+from dsvit.data.randaugment import randaugment_magnitude, with_magnitude
 from dsvit.errors import ConfigError
 from dsvit.plugins.efficienttrain import schedule as S
 from dsvit.plugins.efficienttrain.lowpass import METHODS
 
-MAGNITUDE = re.compile(r"-m(\d+)")
 DECODES = ("stage", "full")
 
 
@@ -48,7 +47,7 @@ class EfficientTrainConfig:
             raise ConfigError(f"resolutions={fractions} give odd sizes {sides} (patch {patch}); the "
                               f"low-frequency crop needs even sizes: use lowpass=bicubic or other fractions")
         aa = cfg.data.auto_augment
-        if self.augment and aa and not MAGNITUDE.search(aa):
+        if self.augment and aa and randaugment_magnitude(aa) is None:
             raise ConfigError(f"augment schedules the RandAugment magnitude, but data.auto_augment='{aa}' "
                               f"has no -m<N>; use e.g. rand-m9-mstd0.5-inc1, or set "
                               f"plugins.efficienttrain.augment=false")
@@ -67,11 +66,11 @@ def patch_size(model_cfg) -> int:
 
 def max_magnitude(policy: str) -> int:
     """The ``-mN`` of a RandAugment policy string (-1: none)."""
-    m = MAGNITUDE.search(policy or "")
-    return int(m.group(1)) if m else -1
+    m = randaugment_magnitude(policy)
+    return -1 if m is None else m
 
 
 def policy_at(policy: str, magnitude: int) -> str:
     """``policy`` at another magnitude. Magnitude 0 stays RandAugment: timm draws each op's
     magnitude from N(0, mstd) clipped at 0, and Invert, Equalize, AutoContrast ignore it."""
-    return MAGNITUDE.sub(f"-m{magnitude}", policy, count=1)
+    return with_magnitude(policy, magnitude)

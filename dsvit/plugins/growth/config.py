@@ -1,13 +1,12 @@
 """``plugins.growth``: the progressive-learning schedule, MoGrow and the AutoProg search."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
+from dsvit.data.randaugment import randaugment_magnitude, with_magnitude
 from dsvit.errors import ConfigError
 from dsvit.plugins.growth import schedule as S
 
-MAGNITUDE = re.compile(r"-m(\d+)")
 
 
 @dataclass(frozen=True)
@@ -99,7 +98,7 @@ class GrowthConfig:
         if not (-n <= self.grow_from < n and -n <= self.score_with < n):
             raise ConfigError(f"grow_from={self.grow_from} / score_with={self.score_with} must index "
                               f"decays (there are {n})")
-        if self.augreg and cfg.data.auto_augment and not MAGNITUDE.search(cfg.data.auto_augment):
+        if self.augreg and cfg.data.auto_augment and randaugment_magnitude(cfg.data.auto_augment) is None:
             raise ConfigError(f"augreg scales the RandAugment magnitude, but data.auto_augment="
                               f"'{cfg.data.auto_augment}' has no -m<N>; use e.g. rand-m9-mstd0.5-inc1")
 
@@ -131,11 +130,8 @@ class GrowthConfig:
 
 def stage_augment(policy: str, magnitude: int) -> str:
     """``policy`` (e.g. rand-m9-mstd0.5-inc1) at another magnitude; magnitude 0 switches it off."""
-    if not policy or magnitude <= 0:
-        return ""
-    return MAGNITUDE.sub(f"-m{magnitude}", policy, count=1)
+    return with_magnitude(policy, magnitude) if policy and magnitude > 0 else ""
 
 
 def max_magnitude(policy: str) -> int:
-    m = MAGNITUDE.search(policy or "")
-    return int(m.group(1)) if m else 0
+    return randaugment_magnitude(policy) or 0
