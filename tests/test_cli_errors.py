@@ -4,6 +4,7 @@ also from a DataLoader worker; Ctrl-C of ``dsvit bench run`` says how to resume 
 arguments, paths, config and plugin composition are checked before DeepSpeed is imported; the help
 shows the default recipe's values and each key's meaning."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -226,3 +227,22 @@ def test_shards_and_bench_help(tmp_path):
                                 (["bench", "report", "--help"], "--dir DIR", "the --dir of")):
         proc = dsvit(tmp_path, *args)
         assert proc.returncode == 0 and flag in proc.stdout and meaning in proc.stdout, args
+
+
+def _extensions_dir_seen(env: dict) -> str:
+    """TORCH_EXTENSIONS_DIR as a dsvit command leaves it (``shards verify --help``: no DeepSpeed)."""
+    code = ("import os\nfrom dsvit.cli import main\ntry:\n    main(['shards', 'verify', '--help'])\n"
+            "except SystemExit:\n    pass\nprint(os.environ['TORCH_EXTENSIONS_DIR'])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_deepspeed_ops_are_cached_per_python_environment(tmp_path):
+    from dsvit.cli import extension_cache_dir
+    a, b = extension_cache_dir("/x/venv-a", tmp_path), extension_cache_dir("/x/venv-b", tmp_path)
+    assert a != b and a == extension_cache_dir("/x/venv-a", tmp_path)
+    assert a.parent == tmp_path / ".cache" / "torch_extensions"
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
+    env["HOME"] = str(tmp_path)
+    assert _extensions_dir_seen(env) == str(extension_cache_dir(sys.prefix, tmp_path))   # this environment's
+    assert _extensions_dir_seen(dict(env, TORCH_EXTENSIONS_DIR=str(tmp_path / "mine"))) == str(tmp_path / "mine")
