@@ -155,20 +155,21 @@ def test_a_changed_bench_spec_is_one_line(tmp_path, dataset):
 
 
 def test_ctrl_c_of_bench_run_says_how_to_resume(tmp_path, dataset):
-    spec = bench_spec(tmp_path, dataset, 50)
+    spec = bench_spec(tmp_path, dataset, 5000)   # hours of training: interrupted while its run trains
     folder = tmp_path / "bench"
     proc = subprocess.Popen([sys.executable, "-m", "dsvit", "bench", "run", str(spec), "--dir", str(folder),
                              "--slots", "1"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (folder / "logs" / "base-s0.log").exists():
+    log = folder / "logs" / "base-s0.log"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (log.exists() and "step " in log.read_text()):
         time.sleep(0.2)
-    time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, (out, err)
     assert "Traceback" not in err, err
-    lines = [l for l in err.splitlines() if l.startswith("dsvit")]   # (not torch's import warning)
+    # (not torch's import warning, nor the note of a first build of DeepSpeed's op in this environment)
+    lines = [l for l in err.splitlines() if l.startswith("dsvit") and not l.startswith("dsvit: compiling")]
     assert len(lines) == 1, err
     line = lines[0]
     assert "interrupted" in line and "run the same command again to resume" in line
