@@ -52,13 +52,13 @@ def extension_cache_dir(prefix: str, home: Path) -> Path:
     return home / ".cache" / "torch_extensions" / f"env-{hashlib.sha1(prefix.encode()).hexdigest()[:10]}"
 
 
-def _use_extension_cache_of_this_env() -> None:
+def use_extension_cache_of_this_env() -> None:
     """TORCH_EXTENSIONS_DIR per environment, unless the user chose one."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extension_cache_dir(sys.prefix, Path.home())))
 
 
 def init_distributed(args):
-    _use_extension_cache_of_this_env()   # before DeepSpeed loads its communication op
+    use_extension_cache_of_this_env()   # before DeepSpeed loads its communication op
     import deepspeed
     world = _world_from_env(args)
     from dsvit.engine.comm_op import quiet_when_cached
@@ -319,7 +319,7 @@ def _command_of(argv: list) -> str:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    _use_extension_cache_of_this_env()   # every command that may build a DeepSpeed op
+    use_extension_cache_of_this_env()   # every command that may build a DeepSpeed op
     if argv[:2] == ["bench", "throughput"]:   # its own flags: argparse's REMAINDER would eat them
         from dsvit.bench.throughput import main as throughput_main
         return throughput_main(argv[2:], lambda: init_distributed(None))

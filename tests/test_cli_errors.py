@@ -165,7 +165,13 @@ def test_ctrl_c_of_bench_run_says_how_to_resume(tmp_path, dataset):
     while time.time() < deadline and not (log.exists() and "step " in log.read_text()):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:   # say where it hung: the bench's output and its run's log
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"bench run still running 120 s after SIGINT\n{out[-2000:]}\n{err[-2000:]}\n"
+                             f"{log.read_text()[-3000:] if log.exists() else 'no run log'}") from None
     assert proc.returncode == 130, (out, err)
     assert "Traceback" not in err, err
     # (not torch's import warning, nor the note of a first build of DeepSpeed's op in this environment)
