@@ -44,10 +44,9 @@ def extension_cache_dir(prefix: str, home: Path) -> Path:
     """Where torch JIT-builds DeepSpeed's ops for the Python environment at ``prefix``: one folder per
     environment. torch's default is one folder per op name for every environment; the build flags
     name the environment's torch, so two venvs (a CI clone, a benchmark's copy, a worktree) using
-    the ops in turn rebuild them at every switch, inside some run's start-up. Measured on 2 cores
-    (cifar10-bench, 2 steps): start-up 89.4 s for the first run after tests from another venv had
-    built the op, 10.4 s for the next run; a benchmark's runs, started while a test suite from a
-    second venv ran, spent 240 s of active time in start-up."""
+    the ops in turn rebuild them at every switch, inside some run's start-up: on cifar10-bench, 89.4 s
+    of start-up for the first run after another venv's tests had built the op, 10.4 s for the next
+    (benchmarks/RESULTS.md, "Issue 28", has both commands)."""
     import hashlib
     return home / ".cache" / "torch_extensions" / f"env-{hashlib.sha1(prefix.encode()).hexdigest()[:10]}"
 
@@ -135,13 +134,13 @@ def cmd_train(args) -> int:
             raise
         failure.exit_now(line)
     finally:
-        if not ended_cleanly:
-            stop.restore()
         if peers is not None:
             peers.stop()
         if ended_cleanly:   # every rank: the check in flight waited for, then the groups destroyed
             stop.finish()
             close_world(world)
+        else:
+            stop.restore()
     if world.rank == 0:
         print(f"\nfinal top-1 {metrics.get('top1', float('nan')):.2f}%  top-5 "
               f"{metrics.get('top5', float('nan')):.2f}%  (best {trainer.best_top1:.2f}%)")

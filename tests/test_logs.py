@@ -126,3 +126,12 @@ def test_data_counters_only_when_non_zero_and_explained():
     rec = Recorder()
     log_data_counters(Counted({"corrupt_skipped": 0, "filtered": 0}), rec, torch.device("cpu"), epoch=1)
     assert rec.scalars == {} and rec.lines == []
+
+
+def test_an_intermediate_evaluation_is_a_part_only_below_the_split():
+    from dsvit.engine.evaluate import intermediate_eval_batches
+    assert intermediate_eval_batches(20, 20, 2) == 1          # the first 20 of 40: one global batch
+    assert intermediate_eval_batches(21, 20, 3) == 2          # rounded up to whole batches
+    assert intermediate_eval_batches(0, 20, 2) is None        # off: every evaluation reads all
+    assert intermediate_eval_batches(40, 20, 2) is None       # the whole split is no part of it
+    assert intermediate_eval_batches(100, 20, 2) is None

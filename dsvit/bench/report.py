@@ -60,11 +60,10 @@ def run_times(record: dict, metrics: Path) -> RunTimes:
         raise ValueError(f"{metrics}: no evaluation logged; did the run finish?")
     evals = [(active_at(r["time"], segments, pauses), r.get("eval/top1", r.get("eval_part/top1")))
              for r in rows if "eval/top1" in r or "eval_part/top1" in r]   # the curve: parts too
+    intervals = [(r["interval"], r["began"], r["time"]) for r in rows if r.get("interval") in INTERVAL_KINDS]
     breakdown = dict.fromkeys(INTERVAL_KINDS, 0.0)
-    intervals = [(r["began"], r["time"]) for r in rows if r.get("interval") in breakdown]
-    for r in rows:
-        if r.get("interval") in breakdown:
-            breakdown[r["interval"]] += (r["time"] - r["began"]) - overlap(r["began"], r["time"], pauses)
+    for kind, a, b in intervals:
+        breakdown[kind] += (b - a) - overlap(a, b, pauses)
     steps_s, macs, steps, prev_t, prev_step = 0.0, 0.0, 0, None, 0
     for r in rows:
         if "train/step_time_s" not in r:
@@ -77,7 +76,7 @@ def run_times(record: dict, metrics: Path) -> RunTimes:
         # the logged step time leaves evaluations, checkpoints and rebuilds out already (the
         # trainer's pauses): the stops to take out are those in the window but outside them
         stopped = overlap(start, r["time"], pauses) - sum(
-            overlap(max(a, start), min(b, r["time"]), pauses) for a, b in intervals if a < r["time"] and b > start)
+            overlap(max(a, start), min(b, r["time"]), pauses) for _, a, b in intervals if a < r["time"] and b > start)
         steps_s += max(0.1 * logged, logged - stopped)
         macs += n * r.get("train/block_gmacs_per_image", float("nan"))
         steps += n
@@ -103,12 +102,18 @@ class Row:
     note: str = ""
 
 
-def table(runs: dict, variant_of: dict, baseline: str, global_batch: int, notes: dict = None) -> list[Row]:
-    """``runs``: name -> RunTimes; ``variant_of``: name -> variant label (the spec's order)."""
-    by_variant: dict[str, list[RunTimes]] = {}
+def _by_variant(runs: dict, variant_of: dict) -> dict:
+    """variant -> its finished runs' RunTimes, in the spec's order."""
+    out: dict[str, list[RunTimes]] = {}
     for name, variant in variant_of.items():
         if name in runs:
-            by_variant.setdefault(variant, []).append(runs[name])
+            out.setdefault(variant, []).append(runs[name])
+    return out
+
+
+def table(runs: dict, variant_of: dict, baseline: str, global_batch: int, notes: dict = None) -> list[Row]:
+    """``runs``: name -> RunTimes; ``variant_of``: name -> variant label (the spec's order)."""
+    by_variant = _by_variant(runs, variant_of)
     if baseline not in by_variant:
         raise ValueError(f"the baseline '{baseline}' has no finished run yet")
     mean = lambda xs: statistics.fmean(xs)   # noqa: E731
@@ -149,11 +154,7 @@ def time_table(runs: dict, variant_of: dict) -> str:
     in-step speed-up that survives end to end is in the main table (speed-up / in steps)."""
     out = ["| method | end to end | start-up | steps | evaluation | checkpoints | rebuilds | other |",
            "|" + "---|" * 8]
-    by_variant: dict[str, list] = {}
-    for name, variant in variant_of.items():
-        if name in runs:
-            by_variant.setdefault(variant, []).append(runs[name])
-    for variant, rs in by_variant.items():
+    for variant, rs in _by_variant(runs, variant_of).items():
         mean = lambda f: statistics.fmean([f(r) for r in rs])   # noqa: E731
         parts = [mean(lambda r, k=k: r.breakdown.get(k, 0.0)) for k in INTERVAL_KINDS]
         e2e, steps = mean(lambda r: r.end_to_end_s), mean(lambda r: r.steps_s)

@@ -24,6 +24,7 @@ from dsvit.engine import export
 from dsvit.engine import resume
 from dsvit.engine import run_folder
 from dsvit.engine.compose import check_composition
+from dsvit.engine.evaluate import intermediate_eval_batches
 from dsvit.engine.logging import RunLogger, log
 from dsvit.engine.meter import StepMeter
 from dsvit.engine.plugin import State
@@ -53,8 +54,8 @@ def build(t, cfg: C.Config, world, plugins: list, train_data=None, eval_data=Non
         from dsvit.data.pipeline import stream_data
         train_data, eval_data, num_classes = stream_data(cfg, world, Path(cfg.run.dir))
     t.train_data, t.eval_data, t.num_classes = train_data, eval_data, num_classes
-    part = -(-cfg.train.eval_samples // cfg.train.eval_batch_size)   # batches per rank of an intermediate eval
-    t.eval_batches_limit = part if part < eval_data.num_batches else 0   # 0: every evaluation reads all
+    t.eval_part_batches = intermediate_eval_batches(cfg.train.eval_samples, cfg.train.eval_batch_size,
+                                                    eval_data.num_batches)   # None: every evaluation reads all
     if num_classes != cfg.model.num_classes and world.rank == 0:
         log.warning("model.num_classes=%d replaced by the data's %d classes (%s): the head has one output "
                     "per class of the data", cfg.model.num_classes, num_classes, cfg.data.root)

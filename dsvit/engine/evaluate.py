@@ -2,12 +2,20 @@
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from dsvit.data.device import finish_on_device
+
+
+def intermediate_eval_batches(eval_samples: int, eval_batch_size: int, num_batches: int) -> Optional[int]:
+    """Batches per rank of an intermediate evaluation for ``train.eval_samples`` (global samples;
+    ``eval_batch_size`` global): None, a whole pass, when that is not fewer than the split's."""
+    part = -(-eval_samples // eval_batch_size)
+    return part if 0 < part < num_batches else None
 
 
 @torch.no_grad()

@@ -276,13 +276,13 @@ class Trainer:
     # ------------------------------------------------------------ evaluation
     @host_sync.allows("evaluation")
     def evaluate(self, use_ema: Optional[bool] = None, final: bool = True) -> dict:   # not final: eval_samples
-        t0, s, part = time.perf_counter(), self.state, self.cfg.train.eval_samples and not final
+        t0, s, part = time.perf_counter(), self.state, self.eval_part_batches is not None and not final
         use_ema = self.ema is not None if use_ema is None else use_ema
         model = self.ema.model if use_ema else self.engine
         self.engine.eval()
         s.training = False
         self.plugins.fire("eval_start", s)
-        batches = self.eval_data.batches(self.eval_batches_limit if part else None)
+        batches = self.eval_data.batches(self.eval_part_batches if part else None)
         metrics = evaluate_model(model, batches, self.device, torch.float32 if use_ema else self.model_dtype)
         log_data_counters(self.eval_data, self.logger, self.device, s.epoch, "eval_data")
         prefix = ("eval_ema" if use_ema else "eval") + ("_part" if part else "")   # a part: a curve, not a result

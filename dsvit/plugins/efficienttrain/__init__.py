@@ -73,9 +73,7 @@ class EfficientTrain(Plugin):
         self.full, self.patch = m.img_size, patch_size(m)
         self.sides = cfg.sides(m)
         self.policy = d.auto_augment if cfg.augment and max_magnitude(d.auto_augment) >= 0 else ""
-        self.table = S.stage_table(1, self.sides, self.full)
-        self.starts = [r.start for r in self.table]
-        self.total = 1
+        self.table, self.starts, self.total = [], [], 0   # the run's stages: on_fit_start
         self.side = self.full          # this step's input side
         self.magnitude = -1            # RandAugment magnitude of the current epoch (-1: not scheduled)
 

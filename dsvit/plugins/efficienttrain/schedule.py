@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 from dsvit.model.token_stage import vit_block_macs
+from dsvit.plugins.stages import stage_of
 
 # ET++'s DeiT-S list (96, 96, 160 x4, 192, 192, 224, 224 of 224), as fractions of the input side
 DEIT_S_FRACTIONS = (0.4286, 0.4286, 0.7143, 0.7143, 0.7143, 0.7143, 0.8571, 0.8571, 1.0, 1.0)
@@ -49,11 +50,6 @@ def stage_starts(total_steps: int, sides, full: int) -> list[int]:
 
 def stage_lengths(starts, total_steps: int) -> list[int]:
     return [b - a for a, b in zip(starts, [*starts[1:], total_steps])]
-
-
-def stage_of(step: int, starts) -> int:
-    """The stage holding ``step`` (the last of empty stages sharing a start)."""
-    return max(0, bisect_right(starts, step) - 1)
 
 
 def magnitude(stage: int, stages: int, max_magnitude: int) -> int:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dsvit.model.token_stage import vit_block_macs
+from dsvit.plugins.stages import stage_of  # noqa: F401  (S.stage_of for the plugin and bench)
 
 
 def make_div(value: float, divisor: int) -> int:
@@ -51,10 +52,6 @@ def default_depths(max_depth: int, scale: float, stages: int) -> list[int]:
 
 def default_resolutions(img_size: int, scale: float, stages: int, divisor: int) -> list[int]:
     return [min(img_size, make_div(v * img_size, divisor)) for v in linspace(scale, 1, stages)]
-
-
-def stage_of(step: int, starts: list[int]) -> int:
-    return max(i for i, s in enumerate(starts) if s <= step) if step >= starts[0] else 0
 
 
 # ---------------------------------------------------------------- AutoProg's search
