@@ -89,6 +89,20 @@ def test_run_times_subtracts_pauses_inside_logged_step_windows(tmp_path):
     assert t.evals == [(10.0, 10.0), (80.0, 42.0)]   # active seconds: 135 - 50 - 5 stopped
 
 
+def test_run_times_of_a_window_stopped_most_of_its_length(tmp_path):
+    # 25 steps of 0.2 s (5 s) with two 60 s quanta stopped inside: the window is 125 s, the steps 5 s
+    rows = [{"time": 10.0, "step": 0, "interval": "startup", "began": 0.0},
+            {"time": 135.0, "step": 25, "train/step_time_s": 5.0, "train/block_gmacs_per_image": 1.0},
+            {"time": 140.0, "step": 25, "eval/top1": 50.0}]
+    record = {"name": "r", "segments": [[0.0, 141.0]], "pauses": [[12.0, 72.0], [72.0, 132.0]],
+              "active_s": 21.0, "restarts": 0}
+    t = R.run_times(record, _metrics(tmp_path / "m.jsonl", rows))
+    assert t.steps_s == pytest.approx(125 - 120)   # a floor of a tenth of the window said 12.5
+    assert t.breakdown["startup"] == pytest.approx(10.0)
+    # the parts never add to more than the run's active time
+    assert t.steps_s + sum(t.breakdown.values()) <= t.end_to_end_s
+
+
 def test_run_times_counts_redone_steps_of_a_resumed_run_once(tmp_path):
     rows = [{"time": 10.0, "step": 10, "train/step_time_s": 1.0, "train/block_gmacs_per_image": 1.0},
             # killed after step 10, resumed from the checkpoint at step 5: steps 6..10 logged again

@@ -74,10 +74,12 @@ def run_times(record: dict, metrics: Path) -> RunTimes:
         logged = n * r["train/step_time_s"]
         start = prev_t if prev_t is not None else r["time"] - logged
         # the logged step time leaves evaluations, checkpoints and rebuilds out already (the
-        # trainer's pauses): the stops to take out are those in the window but outside them
+        # trainer's pauses): the stops to take out are those in the window but outside them. No
+        # floor: a 60 s quantum stopped inside 25 steps of 0.2 s leaves 5 s, and a floor at a tenth
+        # of the window (as before 2026-12-05) counted 12.6 s (the "other" column went negative)
         stopped = overlap(start, r["time"], pauses) - sum(
             overlap(max(a, start), min(b, r["time"]), pauses) for _, a, b in intervals if a < r["time"] and b > start)
-        steps_s += max(0.1 * logged, logged - stopped)
+        steps_s += max(0.0, logged - stopped)
         macs += n * r.get("train/block_gmacs_per_image", float("nan"))
         steps += n
         prev_step, prev_t = r["step"], r["time"]
