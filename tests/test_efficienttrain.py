@@ -296,6 +296,41 @@ def test_a_batch_below_the_crop_size_is_reduced_on_the_device(lowpass):
     assert state.batch.images is images
 
 
+def test_compute_clock_for_the_learning_rate():
+    """lr_clock=compute: the LR schedule reads total x (share of the compute done); at the start of
+    stage i of K equal-compute stages that is i/K of the run (up to the rounding of the starts)."""
+    plugin, state, rec = started("plugins.efficienttrain.lr_clock=compute")
+    assert plugin.footprint().lr_clock and state.lr_clock == plugin.lr_step
+    starts = plugin.starts                              # [0, 27, 55, 62, 69, 75, 82, 87, 92, 96]
+    clock = [state.lr_clock(s) for s in range(101)]
+    assert clock[0] == 0 and clock[100] == pytest.approx(100)
+    assert all(b >= a for a, b in zip(clock, clock[1:]))
+    for i, start in enumerate(starts):
+        assert clock[start] == pytest.approx(10 * i, abs=1.5)
+    # a 12 px step moves the clock (12/32)^2 as far as a 32 px one
+    assert clock[11] - clock[10] == pytest.approx((clock[99] - clock[98]) * (12 / 32) ** 2, rel=0.02)
+    assert any("learning rate on compute progress" in x for x in rec.lines)
+    plugin, state, _ = started()                        # the default: the step itself
+    assert state.lr_clock is None and not plugin.footprint().lr_clock
+    flat = check(ON, "plugins.efficienttrain.resolutions=[1.0,1.0]", "plugins.efficienttrain.lr_clock=compute")
+    assert not EfficientTrain(flat.plugins["efficienttrain"], flat).footprint().lr_clock   # nothing to clock
+
+
+def test_one_owner_of_the_learning_rate_clock():
+    from dsvit.engine.compose import Footprint
+
+    class Clocked:
+        def __init__(self, name):
+            self.name, self.order = name, 0
+
+        def footprint(self):
+            return Footprint(lr_clock=True)
+    cfg = check()
+    check_composition([Clocked("a")], cfg)
+    with pytest.raises(ConfigError, match=r"plugins a, b all set the learning rate's clock.*plugins.b.enabled=false"):
+        check_composition([Clocked("a"), Clocked("b")], cfg)
+
+
 # ---------------------------------------------------------------- through the launcher
 @pytest.mark.slow
 def test_resume_equivalence_and_the_sizes_trained(tmp_path):
@@ -303,12 +338,26 @@ def test_resume_equivalence_and_the_sizes_trained(tmp_path):
     and resumed equals the straight one, with the FFT crop on every reduced batch."""
     import json
     from plugin_harness import check_resume_equivalence
-    check_resume_equivalence(tmp_path, [ON, "plugins.efficienttrain.lowpass=fft"], world_size=1)
+    check_resume_equivalence(tmp_path, [ON, "plugins.efficienttrain.lowpass=fft",
+                                        "plugins.efficienttrain.lr_clock=compute"], world_size=1)
     rows = [json.loads(x) for x in (tmp_path / "straight1" / "tb" / "metrics.jsonl").read_text().splitlines()]
     sides = {r["step"]: r["efficienttrain/resolution"] for r in rows if "efficienttrain/resolution" in r}
     tokens = {r["step"]: r["train/tokens_per_image"] for r in rows if "train/tokens_per_image" in r}
     assert [sides[s] for s in range(1, 7)] == [8, 8, 12, 12, 12, 16]
     assert [tokens[s] for s in range(1, 7)] == [5, 5, 10, 10, 10, 17]   # the blocks ran on them
+    # the LR each step trained with: the run's warm-up + cosine read at 6 x compute progress
+    from dsvit.engine.setup import lr_schedule
+    cfg = C.load_config("tiny_test", [])
+    starts = S.stage_starts(6, [8, 8, 12, 12, 12, 12, 12, 12, 16, 16], 16)
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=cfg.train.lr)
+    first = next(r for r in rows if r.get("step") == 1 and "train/epoch" in r)
+    per_epoch = round(1 / first["train/epoch"])         # the harness's data: 32 steps per epoch
+    sched = lr_schedule(opt, cfg.train, 6, per_epoch)   # warm-up: the first 5 of the clock's 6 steps
+    lrs = {r["step"]: r["train/lr"] for r in rows if "train/lr" in r}
+    for step in range(1, 7):   # logged after step `step`: the LR of the step after it
+        sched.step_update(6 * S.compute_progress(step, starts, [8, 8, 12, 12, 12, 12, 12, 12, 16, 16], 16, 6))
+        assert lrs[step] == pytest.approx(opt.param_groups[0]["lr"], rel=1e-6), step
 
 
 @pytest.mark.slow

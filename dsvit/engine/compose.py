@@ -81,6 +81,8 @@ class Footprint:
     # every input side it trains at, when it changes the model's input size (one plugin may: two
     # schedules of it would fight over the batch; declared as (), a plugin keeps model.img_size)
     input_sizes: tuple = ()
+    # it sets State.lr_clock (the learning rate follows its own progress, not the step): one may
+    lr_clock: bool = False
 
 
 PHASES = ("after_embed", "before_block", "after_attention")   # their order within a block
@@ -91,6 +93,7 @@ def check_composition(plugins, cfg) -> None:
     plugins = list(plugins if isinstance(plugins, PluginSet) else PluginSet(list(plugins)))
     prints = [(p, p.footprint() or Footprint()) for p in plugins]
     _one_input_size(prints, cfg)
+    _only_one(prints, "lr_clock", "set the learning rate's clock (State.lr_clock)")
     if not any(f.sites or f.mask_blocks or f.depths for _, f in prints):
         return                      # nothing declared: no model lookup either
     _only_one(prints, "mask_blocks", "provide attention masks (one provider per block)")

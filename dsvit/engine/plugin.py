@@ -24,7 +24,7 @@ What a plugin may call on the data, the token stage and the logger: ``dsvit.engi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -70,6 +70,9 @@ class State:
     plugin: str = ""
     rebuild_request: Any = None    # pending dsvit.engine.rebuild.RebuildRequest
     last_rebuild: Any = None       # the request the last rebuild carried out (after_rebuild)
+    # the step the LR schedule reads at optimizer step s (None: s itself); a plugin that declares
+    # Footprint.lr_clock sets it in fit_start, as a pure function of the step (resume-safe)
+    lr_clock: Optional[Callable[[int], float]] = None
 
     @property
     def progress(self) -> float:

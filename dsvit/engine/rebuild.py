@@ -201,7 +201,7 @@ def rebuild_engine(trainer, request: RebuildRequest) -> Derived:
     clock.lap("prime")
     fresh = fresh_params([n for n, _ in model.named_parameters()], param_map)
     opt_state.restore(trainer.engine, request, param_map, fresh, snap, weights)
-    trainer.lr_schedule.step_update(s.step)
+    trainer.update_lr()
     trainer.engine.train(s.training)
     if ema_state is not None:
         shadow = build_plain(model_cfg, trainer.num_classes)

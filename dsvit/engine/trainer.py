@@ -191,10 +191,15 @@ class Trainer:
             clear_stale_zero3_grads(self.engine)
         s.step += 1
         s.step_in_epoch += 1
-        self.lr_schedule.step_update(s.step)
+        self.update_lr()
         if self.ema is not None:
             self.ema.update()
         self._fire("after_step")
+
+    def update_lr(self) -> None:
+        """The LR schedule at this step, on the clock a plugin may have set (``State.lr_clock``)."""
+        s = self.state
+        self.lr_schedule.step_update(s.lr_clock(s.step) if s.lr_clock is not None else s.step)
 
     @host_sync.allows("logging interval")
     def log_interval(self) -> None:
@@ -221,10 +226,10 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg, s, t = self.cfg, self.state, self.cfg.train
-        self.lr_schedule.step_update(s.step)
         self.engine.train()
         s.training = True
         self._fire("fit_start")
+        self.update_lr()      # after fit_start: a plugin may have set the LR's clock there
         self.logger.info("training %s: %d steps (%d per epoch), global batch %d on %d rank(s), ZeRO %d",
                          self.model_cfg.name, self.total_steps, s.steps_per_epoch, t.batch_size,
                          self.world.world_size, self.zero_stage)

@@ -30,9 +30,12 @@ Where dsvit departs from the released code, and why:
 - Stages are cut in the run's own optimizer steps (the run length is train.epochs / run.max_steps),
   not in data epochs of an equivalent-epoch budget rescaled at every relaunch: no rounding gaps
   between stages; ``schedule.budget_steps`` gives the length of a published budget.
-- The LR stays dsvit's warm-up + cosine in steps. ET++ runs it on compute progress (the 96 px
-  stages, 46 % of the steps of the DeiT-S list, hold 20 % of the compute and the whole warm-up);
-  ``efficienttrain/progress`` logs that clock.
+- The LR stays dsvit's warm-up + cosine in steps by default. ET++ runs it on compute progress (the
+  96 px stages, 46 % of the steps of the DeiT-S list, hold 20 % of the compute and the whole
+  warm-up): ``lr_clock=compute`` does (``State.lr_clock``: at step s the schedule reads
+  total x progress(s), the warm-up and cosine keep dsvit's lengths); ``efficienttrain/progress``
+  logs that clock either way. The default stays ``steps`` until a benchmark says the clock pays at
+  dsvit's budgets (benchmarks/RESULTS.md, issue 28).
 - With ``decode=stage`` the crop, RandAugment and random erasing run at the epoch's size, not at
   the full size before the reduction (ET: augment at 224, then FFT crop; ET++: augment at 224, then
   Lanczos): RandAugment's ops are not linear and do not commute with a low-pass.
@@ -65,7 +68,7 @@ class EfficientTrain(Plugin):
     name = "efficienttrain"
     config_class = EfficientTrainConfig
     order = ORDER_DATA
-    SCHEDULE_KEYS = ("resolutions", "lowpass", "decode", "augment")
+    SCHEDULE_KEYS = ("resolutions", "lowpass", "decode", "augment", "lr_clock")
 
     def __init__(self, cfg: EfficientTrainConfig, config=None):
         super().__init__(cfg, config)
@@ -84,7 +87,16 @@ class EfficientTrain(Plugin):
         """The smallest input (for the token plugins' checks) and every input side it trains at."""
         changes = min(self.sides) < self.full
         return Footprint(min_resolution=min(self.sides), resolution_keys=("resolutions",),
-                         input_sizes=tuple(self.sides) if changes else ())
+                         input_sizes=tuple(self.sides) if changes else (), lr_clock=self.on_compute_clock)
+
+    @property
+    def on_compute_clock(self) -> bool:
+        return self.cfg.lr_clock == "compute" and min(self.sides) < self.full
+
+    def lr_step(self, step: int) -> float:
+        """The step the LR schedule reads at ``step`` on ET++'s clock: the run's length times the
+        share of its compute done (a 16 px step moves it a quarter as far as a 32 px one)."""
+        return self.total * S.compute_progress(step, self.starts, self.sides, self.full, self.total)
 
     def stage_table(self, total_steps: int) -> list:
         return S.stage_table(total_steps, self.sides, self.full,
@@ -101,7 +113,15 @@ class EfficientTrain(Plugin):
             macs = lambda side: S.vit_cost(side, self.patch, m.embed_dim, m.depth, m.mlp_ratio or 4.0)   # noqa: E731
             head += f", {self.relative_cost(total_steps, macs):.3f} in the ViT's multiply-accumulates"
         crop_full = self.full if c.decode == "full" else 0
-        return [head] + S.describe(self.stage_table(total_steps), self.patch, epoch_steps, total_steps, crop_full)
+        table = self.stage_table(total_steps)
+        lines = S.describe(table, self.patch, epoch_steps, total_steps, crop_full)
+        if self.on_compute_clock:
+            starts = [r.start for r in table]
+            at = [round(100 * S.compute_progress(round(f * total_steps), starts, self.sides, self.full,
+                                                 total_steps)) for f in (0.25, 0.5, 0.75)]
+            lines.append(f"  learning rate on compute progress: after 25 / 50 / 75 % of the steps the "
+                         f"warm-up + cosine stands at {at[0]} / {at[1]} / {at[2]} % of its length")
+        return [head] + lines
 
     def relative_cost(self, total_steps: int, cost=S.pixel_cost) -> float:
         """The run's cost against the same steps at the full side (``cost``: side -> cost of an image)."""
@@ -115,6 +135,8 @@ class EfficientTrain(Plugin):
         self.total = int(state.total_steps)
         self.table = self.stage_table(self.total)
         self.starts = [r.start for r in self.table]
+        if self.on_compute_clock:
+            state.lr_clock = self.lr_step
         if state.logger is not None:
             state.logger.info("\n".join(self.describe(self.total, state.epoch_steps)))
 

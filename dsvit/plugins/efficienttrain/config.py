@@ -10,6 +10,7 @@ from dsvit.plugins.efficienttrain import schedule as S
 from dsvit.plugins.efficienttrain.lowpass import METHODS
 
 DECODES = ("stage", "full")
+LR_CLOCKS = ("steps", "compute")
 
 
 @dataclass(frozen=True)
@@ -24,12 +25,16 @@ class EfficientTrainConfig:
     decode: str = "stage"                # stage: the loader crops at the epoch's largest stage size |
                                          # full: full-size crops and augmentation, reduced on the device
     augment: bool = True                 # RandAugment magnitude per stage, 0 up to data.auto_augment's -mN
+    lr_clock: str = "steps"              # steps: dsvit's warm-up + cosine per step | compute: on the
+                                         # share of the run's compute done (ET++'s clock)
 
     def validate(self, cfg) -> None:
         if self.lowpass not in METHODS:
             raise ConfigError(f"lowpass must be one of {METHODS}, got '{self.lowpass}'")
         if self.decode not in DECODES:
             raise ConfigError(f"decode must be one of {DECODES}, got '{self.decode}'")
+        if self.lr_clock not in LR_CLOCKS:
+            raise ConfigError(f"lr_clock must be one of {LR_CLOCKS}, got '{self.lr_clock}'")
         fractions = list(self.resolutions)
         if not fractions or any(not isinstance(f, (int, float)) or f <= 0 for f in fractions):
             raise ConfigError(f"resolutions must be a non-empty list of fractions of model.img_size in "
