@@ -45,7 +45,7 @@ def test_every_shipped_recipe_trains_without_a_host_sync_in_its_steps(tmp_path):
     launch(tmp_path / "runs", [], script=SCRIPT)
     results = json.loads((tmp_path / "runs" / "host_sync.json").read_text())
     assert set(results) == {"default", "stack", "toe", "pss", "toe_pss", "growth", "autoprog", "trilevel",
-                            "infobatch", "efficienttrain"}
+                            "infobatch", "efficienttrain", "stack-et"}
     for recipe, r in results.items():
         assert "error" not in r, f"{recipe}: {r.get('error')}"
         assert r["sync"] is None, f"{recipe}: {r['sync']}"

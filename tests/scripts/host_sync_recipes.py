@@ -31,6 +31,7 @@ RECIPES = {
     "trilevel": ["plugins.example_pruning.round_epochs=[1,2]"],
     "infobatch": [],
     "efficienttrain": [],
+    "stack-et": [],
 }
 COMMON = ["train.epochs=3", "train.batch_size=32", "train.eval_batch_size=64", "log.every_steps=4",
           "log.progress=false", "data.streams=1", "checkpoint.every_epochs=1"]
