@@ -80,10 +80,10 @@ class DsvitStepper:
     def __init__(self, trainer):
         self.tr = trainer
         tr, s = trainer, trainer.state
-        tr.lr_schedule.step_update(s.step)
         tr.engine.train()
         s.training = True
         tr.plugins.fire("fit_start", s)
+        tr.update_lr()      # as fit(): after fit_start, which may set the LR's clock
         tr.meter.reset(s.step)
 
     def step(self, batch):

@@ -7,9 +7,10 @@ growth's depth (four equal stages), EfficientTrain++'s side (its own stage table
 dsvit.plugins.efficienttrain.schedule), ToE's keep rate before block 1 and the token level's keep
 rate at 1/4, 1/2, 3/4 of the depth (dsvit.plugins.levels, the plugin's own functions). Step time is
 modelled as 0.035 s + 0.01255 s per MMAC per image (fitted to cifar10-bench steps on one core of this
-machine: 0.123 s at 7 MMAC, 1.24 s at 96); it over-predicts the measured in-step speed-ups of stack
+machine, read off the logged step times: 0.123 s at 7 MMAC, stack's first stage run alone; 1.24 s at
+96, the baseline's unstopped logging windows in the 12-05 morning run); it over-predicts the measured in-step speed-ups of stack
 and stack-et by 1.09x and 1.08x (RESULTS.md, issue 28). The MAC column matches the runs' logged
-`train/block_gmacs_per_image` sums to 0.01x (3.03x vs 3.04x, 3.39x vs 3.38x).
+`train/block_gmacs_per_image` sums to 0.01x (stack 3.03x vs 3.04x, stack-et-toe 3.38x vs 3.38x).
 
     .venv/bin/python benchmarks/stack_mac_model.py
 """

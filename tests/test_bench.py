@@ -103,6 +103,22 @@ def test_run_times_of_a_window_stopped_most_of_its_length(tmp_path):
     assert t.steps_s + sum(t.breakdown.values()) <= t.end_to_end_s
 
 
+def test_run_times_takes_out_only_the_stops_inside_the_timed_span(tmp_path):
+    # steps 1-10 timed over 10..60 (5 s/step); a stop at 62..92 falls after the span, before the row
+    # was written (the loss all-reduce, the flush): it is no step time, and none was logged for it
+    rows = [{"time": 10.0, "step": 0, "interval": "startup", "began": 0.0},
+            {"time": 60.0, "step": 10, "interval": "steps", "began": 10.0},
+            {"time": 95.0, "step": 10, "train/step_time_s": 5.0, "train/block_gmacs_per_image": 1.0},
+            {"time": 100.0, "step": 10, "eval/top1": 50.0}]
+    record = {"name": "r", "segments": [[0.0, 101.0]], "pauses": [[62.0, 92.0], [20.0, 30.0]],
+              "active_s": 61.0, "restarts": 0}
+    t = R.run_times(record, _metrics(tmp_path / "m.jsonl", rows))
+    assert t.steps_s == pytest.approx(50 - 10)      # the stop inside the span only
+    rows[1]["step"] = 9                             # no span of this row (older metrics): the window
+    t = R.run_times(record, _metrics(tmp_path / "n.jsonl", rows))   # 45..95 before the row, 30 s stopped
+    assert t.steps_s == pytest.approx(50 - 30)
+
+
 def test_run_times_counts_redone_steps_of_a_resumed_run_once(tmp_path):
     rows = [{"time": 10.0, "step": 10, "train/step_time_s": 1.0, "train/block_gmacs_per_image": 1.0},
             # killed after step 10, resumed from the checkpoint at step 5: steps 6..10 logged again

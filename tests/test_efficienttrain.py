@@ -232,6 +232,11 @@ def test_architecture_footprint_and_state():
     plugin.load_state_dict(plugin.state_dict())
     with pytest.raises(RunStateError, match=r"another schedule.*'lowpass': \('fft', 'bicubic'\)"):
         plugin.load_state_dict({"schedule": {**plugin.state_dict()["schedule"], "lowpass": "fft"}})
+    older = {k: v for k, v in plugin.state_dict()["schedule"].items() if k != "lr_clock"}
+    plugin.load_state_dict({"schedule": older})              # trained before the clock existed: steps
+    clocked = check(ON, "plugins.efficienttrain.lr_clock=compute")
+    with pytest.raises(RunStateError, match=r"'lr_clock': \('steps', 'compute'\)"):
+        EfficientTrain(clocked.plugins["efficienttrain"], clocked).load_state_dict({"schedule": older})
 
 
 # ---------------------------------------------------------------- the plugin in a run

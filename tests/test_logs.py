@@ -63,8 +63,13 @@ def test_redirected_log_has_plain_lines_and_tensorboard_opens_on_the_run(tmp_pat
     rows = [json.loads(r) for r in (tmp_path / "bar" / "tb" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == steps   # tools' names stay stable
     # where the wall time went: start-up first, every evaluation and checkpoint, totals to match
-    intervals = [(r["interval"], r["time"] - r["began"]) for r in rows if "interval" in r]
+    intervals = [(r["interval"], r["time"] - r["began"]) for r in rows if r.get("interval", "steps") != "steps"]
     assert intervals[0][0] == "startup" and [k for k, _ in intervals[1:]] == ["eval", "checkpoint"]
+    # each logged step time's wall-clock span, written before its row, inside the run's steps
+    spans = [(r["step"], r["began"], r["time"]) for r in rows if r.get("interval") == "steps"]
+    logged = {r["step"]: r["time"] for r in rows if "train/loss" in r}
+    assert [s for s, _, _ in spans] == steps
+    assert all(a < b <= logged[s] for s, a, b in spans) and all(x[2] <= y[1] for x, y in zip(spans, spans[1:]))
     totals = {k: v for k, v in rows[-1].items() if k.startswith("time/") and k != "time/wall_s"}
     assert totals["time/eval_s"] == pytest.approx(intervals[1][1], abs=1e-3)
     assert totals["time/startup_s"] == pytest.approx(intervals[0][1], abs=1e-3) and totals["time/steps_s"] > 0

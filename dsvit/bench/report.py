@@ -3,7 +3,8 @@
 Per run (``RunTimes``): end to end = active wall-clock from process start to exit (start-up, data
 set-up, evaluations, checkpoints and engine rebuilds included); in steps = the sum of the logged
 step times (``train/step_time_s`` x steps per logging window; the trainer already leaves evaluation
-and checkpoint time out of them) minus the stopped time that fell inside each window; training
+and checkpoint time out of them) minus the stopped time that fell inside the span each was timed
+over (the meter's ``steps`` wall interval; older metrics: from the previous row); training
 MACs = sum over windows of steps x ``train/block_gmacs_per_image`` (forward, blocks only; backward
 is a fixed multiple of it, so the ratio is the FLOP reduction).
 
@@ -64,21 +65,25 @@ def run_times(record: dict, metrics: Path) -> RunTimes:
     breakdown = dict.fromkeys(INTERVAL_KINDS, 0.0)
     for kind, a, b in intervals:
         breakdown[kind] += (b - a) - overlap(a, b, pauses)
-    steps_s, macs, steps, prev_t, prev_step = 0.0, 0.0, 0, None, 0
+    steps_s, macs, steps, prev_t, prev_step, span = 0.0, 0.0, 0, None, 0, None
     for r in rows:
+        if r.get("interval") == "steps":   # the timed span of the step row that follows it
+            span = (r["step"], r["began"], r["time"])
         if "train/step_time_s" not in r:
             continue
         if r["step"] <= prev_step:   # a resumed run logs its redone steps again: count them once
             prev_step = r["step"] - 1
         n = r["step"] - prev_step
         logged = n * r["train/step_time_s"]
-        start = prev_t if prev_t is not None else r["time"] - logged
+        # the span the step time was measured over (metrics before 2026-12-05: from the previous row)
+        start, end = (span[1], span[2]) if span and span[0] == r["step"] else (
+            prev_t if prev_t is not None else r["time"] - logged, r["time"])
         # the logged step time leaves evaluations, checkpoints and rebuilds out already (the
-        # trainer's pauses): the stops to take out are those in the window but outside them. No
-        # floor: a 60 s quantum stopped inside 25 steps of 0.2 s leaves 5 s, and a floor at a tenth
-        # of the window (as before 2026-12-05) counted 12.6 s (the "other" column went negative)
-        stopped = overlap(start, r["time"], pauses) - sum(
-            overlap(max(a, start), min(b, r["time"]), pauses) for _, a, b in intervals if a < r["time"] and b > start)
+        # trainer's pauses): the stops to take out are those in the span but outside them. No
+        # floor: two 60 s quanta stopped inside 25 steps of 0.2 s leave 5 s, where a floor at a tenth
+        # of the window (before 2026-12-05) counted 12.5 s and the "other" column went negative
+        stopped = overlap(start, end, pauses) - sum(
+            overlap(max(a, start), min(b, end), pauses) for _, a, b in intervals if a < end and b > start)
         steps_s += max(0.0, logged - stopped)
         macs += n * r.get("train/block_gmacs_per_image", float("nan"))
         steps += n

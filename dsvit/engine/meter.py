@@ -38,6 +38,7 @@ class StepMeter:
         self.loss_sum.zero_()
         self.loss_count, self.data_wait, self.tokens, self.macs, self.paused = 0, 0.0, 0.0, 0.0, 0.0
         self.t_last, self.step_last = time.perf_counter(), step
+        self.t_last_wall = time.time()
 
     def micro_batch(self, loss: torch.Tensor, data_wait: float, tokens: float, macs: float = 0.0) -> None:
         self.loss_sum += loss
@@ -85,6 +86,8 @@ class StepMeter:
     def log(self, logger, step: int, lr: float, epoch: float, wall_s: float) -> None:
         """Collective (all-reduces the loss): every rank calls it at the same steps."""
         dt = time.perf_counter() - self.t_last - self.paused
+        # the timed span in wall-clock time: `dsvit bench report` takes out only the stops inside it
+        logger.wall_interval("steps", self.t_last_wall, time.time(), step)
         n_steps = step - self.step_last
         if dist.is_initialized() and self.world_size > 1:
             dist.all_reduce(self.loss_sum)

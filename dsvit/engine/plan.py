@@ -82,6 +82,7 @@ class Plan:
     activations: int                   # bytes per rank, final model at full tokens
     notes: list = field(default_factory=list)
     lines: list = field(default_factory=list)
+    lr_clock: str = ""                 # the plugin whose clock the LR schedule reads ("": the step)
 
 
 # ---------------------------------------------------------------- data
@@ -210,7 +211,8 @@ def make_plan(cfg: C.Config, world_size: int, build_plugins: Callable,
                 total_steps=total, warmup_steps=warmup, peak_lr=peak, ds_config=run.ds_config,
                 precision=run.precision, zero_stage=stage, params=psi,
                 first_params=sum(p.numel() for p in first.parameters()), model_states=states,
-                activations=act, notes=notes)
+                activations=act, notes=notes,
+                lr_clock=next((q.name for q in pset if getattr(q.footprint(), "lr_clock", False)), ""))
     extra = describe(cfg, list(pset), total, steps, len(final.blocks)) if describe else []
     return dataclasses.replace(plan, lines=format_plan(plan, cfg, bool(plugins)) + [f"  {x}" for x in extra])
 
@@ -252,7 +254,9 @@ def format_plan(p: Plan, cfg: C.Config, has_plugins: bool) -> list[str]:
         out.append(f"lr:       AdamW, warm-up {p.warmup_steps:,} steps ({t.warmup_epochs:g} epochs of "
                    f"{p.base_steps_per_epoch:,}) from {t.warmup_lr:g} to {p.peak_lr:g} "
                    f"(= {t.lr * 512 / t.batch_size:.3g} x batch/512), cosine to {t.min_lr:g} at step "
-                   f"{p.total_steps - 1:,}; weight decay {t.weight_decay:g}")
+                   f"{p.total_steps - 1:,}; weight decay {t.weight_decay:g}"
+                   + (f"; steps on plugins.{p.lr_clock}'s clock, not the optimizer's (its lines below)"
+                      if p.lr_clock else ""))
     else:
         out.append(f"lr:       peak {t.lr:g} (= {t.lr * 512 / t.batch_size:.3g} x batch/512); "
                    f"steps and warm-up need the sample count")

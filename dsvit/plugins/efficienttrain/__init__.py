@@ -117,10 +117,14 @@ class EfficientTrain(Plugin):
         lines = S.describe(table, self.patch, epoch_steps, total_steps, crop_full)
         if self.on_compute_clock:
             starts = [r.start for r in table]
-            at = [round(100 * S.compute_progress(round(f * total_steps), starts, self.sides, self.full,
-                                                 total_steps)) for f in (0.25, 0.5, 0.75)]
-            lines.append(f"  learning rate on compute progress: after 25 / 50 / 75 % of the steps the "
-                         f"warm-up + cosine stands at {at[0]} / {at[1]} / {at[2]} % of its length")
+            clock = lambda s: total_steps * S.compute_progress(s, starts, self.sides, self.full, total_steps)   # noqa: E731
+            at = [round(100 * clock(round(f * total_steps)) / total_steps) for f in (0.25, 0.5, 0.75)]
+            t = self.config.train   # the warm-up's length as dsvit.engine.setup.lr_schedule makes it
+            warmup = min(int(round(t.warmup_epochs * epoch_steps[0])), total_steps - 1) if epoch_steps else 0
+            ends = next((s for s in range(total_steps) if clock(s) >= warmup), total_steps)
+            lines.append(f"  learning rate on compute progress: the warm-up's {warmup:,} clock steps end at "
+                         f"step {ends:,}; after 25 / 50 / 75 % of the steps the warm-up + cosine stands at "
+                         f"{at[0]} / {at[1]} / {at[2]} % of its length")
         return [head] + lines
 
     def relative_cost(self, total_steps: int, cost=S.pixel_cost) -> float:
@@ -179,7 +183,8 @@ class EfficientTrain(Plugin):
 
     def load_state_dict(self, state: dict) -> None:
         now = self.state_dict()["schedule"]
-        diff = {k: (v, now[k]) for k, v in state["schedule"].items() if k in now and v != now[k]}
+        saved = {"lr_clock": "steps", **state["schedule"]}   # checkpoints from before the clock: steps
+        diff = {k: (v, now[k]) for k, v in saved.items() if k in now and v != now[k]}
         if diff:
             raise RunStateError(f"plugins.efficienttrain: the checkpoint was trained with another schedule "
                                f"(checkpoint, now): {diff}; resume with the same values or start fresh")
