@@ -78,12 +78,13 @@ class DsvitStepper:
     minus fetching the batch from the data iterator."""
 
     def __init__(self, trainer):
+        from dsvit.engine.setup import schedule_step
         self.tr = trainer
         tr, s = trainer, trainer.state
         tr.engine.train()
         s.training = True
         tr.plugins.fire("fit_start", s)
-        tr.update_lr()      # as fit(): after fit_start, which may set the LR's clock
+        tr.lr_schedule.step_update(schedule_step(s))   # as fit(): after fit_start (State.lr_clock)
         tr.meter.reset(s.step)
 
     def step(self, batch):

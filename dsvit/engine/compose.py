@@ -81,7 +81,8 @@ class Footprint:
     # every input side it trains at, when it changes the model's input size (one plugin may: two
     # schedules of it would fight over the batch; declared as (), a plugin keeps model.img_size)
     input_sizes: tuple = ()
-    # it sets State.lr_clock (the learning rate follows its own progress, not the step): one may
+    # it sets State.lr_clock in fit_start (the learning rate follows its own progress, as a pure
+    # function of the step, not the step itself): one plugin may
     lr_clock: bool = False
 
 

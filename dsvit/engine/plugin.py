@@ -70,9 +70,7 @@ class State:
     plugin: str = ""
     rebuild_request: Any = None    # pending dsvit.engine.rebuild.RebuildRequest
     last_rebuild: Any = None       # the request the last rebuild carried out (after_rebuild)
-    # the step the LR schedule reads at optimizer step s (None: s itself); a plugin that declares
-    # Footprint.lr_clock sets it in fit_start, as a pure function of the step (resume-safe)
-    lr_clock: Optional[Callable[[int], float]] = None
+    lr_clock: Optional[Callable[[int], float]] = None   # step s -> the step the LR schedule reads
 
     @property
     def progress(self) -> float:

@@ -35,6 +35,7 @@ from typing import Union
 import torch
 
 from dsvit.engine import optimizer_state as opt_state
+from dsvit.engine.setup import schedule_step
 from dsvit.model import surgery
 from dsvit.model.vit import build_plain, compile_blocks
 
@@ -201,7 +202,7 @@ def rebuild_engine(trainer, request: RebuildRequest) -> Derived:
     clock.lap("prime")
     fresh = fresh_params([n for n, _ in model.named_parameters()], param_map)
     opt_state.restore(trainer.engine, request, param_map, fresh, snap, weights)
-    trainer.update_lr()
+    trainer.lr_schedule.step_update(schedule_step(s))
     trainer.engine.train(s.training)
     if ema_state is not None:
         shadow = build_plain(model_cfg, trainer.num_classes)

@@ -172,6 +172,11 @@ def lr_schedule(optimizer, train: C.TrainConfig, total_steps: int, steps_per_epo
                              t_in_epochs=False)
 
 
+def schedule_step(state) -> float:
+    """The step the LR schedule reads: the optimizer step, or a plugin's clock of it (``State.lr_clock``)."""
+    return state.lr_clock(state.step) if state.lr_clock is not None else state.step
+
+
 def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
     off = smoothing / num_classes
     return torch.full((labels.numel(), num_classes), off, device=labels.device).scatter_(

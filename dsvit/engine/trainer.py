@@ -32,7 +32,7 @@ from dsvit.engine.evaluate import evaluate_model
 from dsvit.engine.meter import log_data_counters
 from dsvit.engine.plugin import REBUILD_EVENTS, STEP_EVENTS, Batch
 from dsvit.engine.setup import (World, build_engine, clear_stale_zero3_grads, lr_schedule,
-                                seed_everything, soft_targets)
+                                schedule_step, seed_everything, soft_targets)
 from dsvit.model.vit import describe_model
 
 __all__ = ["RunObserver", "Trainer", "World"]
@@ -191,15 +191,10 @@ class Trainer:
             clear_stale_zero3_grads(self.engine)
         s.step += 1
         s.step_in_epoch += 1
-        self.update_lr()
+        self.lr_schedule.step_update(schedule_step(s))
         if self.ema is not None:
             self.ema.update()
         self._fire("after_step")
-
-    def update_lr(self) -> None:
-        """The LR schedule at this step, on the clock a plugin may have set (``State.lr_clock``)."""
-        s = self.state
-        self.lr_schedule.step_update(s.lr_clock(s.step) if s.lr_clock is not None else s.step)
 
     @host_sync.allows("logging interval")
     def log_interval(self) -> None:
@@ -229,7 +224,7 @@ class Trainer:
         self.engine.train()
         s.training = True
         self._fire("fit_start")
-        self.update_lr()      # after fit_start: a plugin may have set the LR's clock there
+        self.lr_schedule.step_update(schedule_step(s))   # after fit_start: it may set State.lr_clock
         self.logger.info("training %s: %d steps (%d per epoch), global batch %d on %d rank(s), ZeRO %d",
                          self.model_cfg.name, self.total_steps, s.steps_per_epoch, t.batch_size,
                          self.world.world_size, self.zero_stage)
