@@ -18,6 +18,9 @@ import math
 
 from dsvit.plugins.efficienttrain import schedule as ET
 from dsvit.plugins.levels import keep_rate, pruning_blocks
+from dsvit.plugins.token_pruning import TokenPruningConfig
+
+TOKENS = TokenPruningConfig()   # the token level's ramp and blocks as the recipes leave them
 
 STEPS, WIDTH, SIDE, PATCH = 1170, 96, 32, 4
 STEP_S, STEP_S_PER_MMAC = 0.035, 0.01255
@@ -32,7 +35,7 @@ def image_macs(side: int, depth: int, toe_keep: float, token_keep: float) -> int
     tokens, total = patches + 1, block_macs(patches + 1)        # block 0 sees every token
     if toe_keep < 1:
         tokens = 1 + round(toe_keep * patches)
-    cuts = pruning_blocks(depth, (0.25, 0.5, 0.75)) if token_keep < 1 else []
+    cuts = pruning_blocks(depth, TOKENS.block_fractions) if token_keep < 1 else []
     for b in range(1, depth):
         if b in cuts:
             tokens = 1 + math.ceil(token_keep * (tokens - 1))
@@ -53,7 +56,7 @@ def run(sides=None, toe=((0.0, 0.5), (0.625, 0.75), (0.875, 1.0)), token_keep=0.
         if sides:
             side = px[max(i for i, s in enumerate(starts) if s <= step)]
         toe_keep = [k for f, k in toe if step >= f * STEPS][-1]
-        keep = keep_rate(step, STEPS, token_keep, 1 / 30, 1 / 3) if token_keep < 1 else 1.0
+        keep = keep_rate(step, STEPS, token_keep, TOKENS.warmup, TOKENS.decay) if token_keep < 1 else 1.0
         m = image_macs(side, depths[quarter], toe_keep, keep)
         macs += m
         seconds += STEP_S + STEP_S_PER_MMAC * m / 1e6

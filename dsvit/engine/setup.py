@@ -166,10 +166,15 @@ def lr_schedule(optimizer, train: C.TrainConfig, total_steps: int, steps_per_epo
     """Warm-up + cosine per optimizer step: a pure function of the step, so a rebuilt engine or a
     resumed run stepped to the same point has the same LR."""
     from timm.scheduler import CosineLRScheduler
-    warmup = min(int(round(train.warmup_epochs * steps_per_epoch)), total_steps - 1)
+    warmup = warmup_steps(train, total_steps, steps_per_epoch)
     return CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup), lr_min=train.min_lr,
                              warmup_t=warmup, warmup_lr_init=train.warmup_lr, warmup_prefix=True,
                              t_in_epochs=False)
+
+
+def warmup_steps(train: C.TrainConfig, total_steps: int, steps_per_epoch: int) -> int:
+    """The warm-up's length in the schedule's steps (``train.warmup_epochs`` of the base epoch)."""
+    return min(int(round(train.warmup_epochs * steps_per_epoch)), total_steps - 1)
 
 
 def schedule_step(state) -> float:

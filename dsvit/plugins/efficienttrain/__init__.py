@@ -52,8 +52,11 @@ Where dsvit departs from the released code, and why:
 """
 from __future__ import annotations
 
+from bisect import bisect_left
+
 from dsvit.engine.compose import Footprint
 from dsvit.engine.plugin import ORDER_DATA, Plugin
+from dsvit.engine.setup import warmup_steps
 from dsvit.errors import RunStateError
 from dsvit.plugins import register
 from dsvit.plugins.efficienttrain import schedule as S
@@ -119,9 +122,8 @@ class EfficientTrain(Plugin):
             starts = [r.start for r in table]
             clock = lambda s: total_steps * S.compute_progress(s, starts, self.sides, self.full, total_steps)   # noqa: E731
             at = [round(100 * clock(round(f * total_steps)) / total_steps) for f in (0.25, 0.5, 0.75)]
-            t = self.config.train   # the warm-up's length as dsvit.engine.setup.lr_schedule makes it
-            warmup = min(int(round(t.warmup_epochs * epoch_steps[0])), total_steps - 1) if epoch_steps else 0
-            ends = next((s for s in range(total_steps) if clock(s) >= warmup), total_steps)
+            warmup = warmup_steps(self.config.train, total_steps, epoch_steps[0]) if epoch_steps else 0
+            ends = bisect_left(range(total_steps), warmup, key=clock)   # the clock never runs back
             lines.append(f"  learning rate on compute progress: the warm-up's {warmup:,} clock steps end at "
                          f"step {ends:,}; after 25 / 50 / 75 % of the steps the warm-up + cosine stands at "
                          f"{at[0]} / {at[1]} / {at[2]} % of its length")
