@@ -188,6 +188,25 @@ def test_table_ratios_against_the_baseline_mean():
         R.table({"fast-s0": runs["fast-s0"]}, variant_of, "base", 10)
 
 
+def test_seeds_run_apart_from_the_baseline_give_top1_but_not_time():
+    # fast-s1 was added to the folder after the baseline had finished (another stretch of drift)
+    records = {"base-s0": {"segments": [[0.0, 100.0]]}, "fast-s0": {"segments": [[10.0, 60.0], [90.0, 95.0]]},
+               "fast-s1": {"segments": [[200.0, 230.0]]}, "slow-s0": {"segments": [[100.0, None]]}}
+    variant_of = {"base-s0": "base", "fast-s0": "fast", "fast-s1": "fast", "slow-s0": "slow"}
+    apart = R.apart_from_baseline(records, variant_of, "base")
+    assert apart == ["fast-s1", "slow-s0"]   # touching the baseline's end is not beside it
+    runs = {"base-s0": _times("base-s0", 50.0, 100.0, 80.0, 1000.0),
+            "fast-s0": _times("fast-s0", 50.0, 50.0, 40.0, 500.0), "fast-s1": _times("fast-s1", 52.0, 25.0, 20.0, 500.0)}
+    rows = {r.variant: r for r in R.table(runs, variant_of, "base", 10, {}, apart)}
+    assert rows["fast"].seeds == 2 and rows["fast"].top1 == 51.0   # accuracy from both seeds
+    assert rows["fast"].speedup == pytest.approx(2.0) and rows["fast"].steps_speedup == pytest.approx(2.0)
+    assert "times of fast-s0 only" in rows["fast"].note
+    only_apart = R.table({**runs, "slow-s0": _times("slow-s0", 49.0, 200.0, 160.0, 1000.0)}, variant_of, "base",
+                         10, {}, apart)
+    assert only_apart[-1].variant == "slow" and only_apart[-1].speedup == pytest.approx(0.5)   # nothing else
+    assert "| fast | 50 s |" in R.time_table(runs, variant_of, apart)
+
+
 def test_replace_section_appends_once_then_replaces_in_place():
     doc = "# Results\n\nintro\n"
     once = R.replace_section(doc, "b", "table 1")
@@ -259,22 +278,72 @@ def test_interleaver_runs_one_at_a_time_on_one_slot_and_finishes_all(tmp_path):
 
 def test_interleaver_interrupted_resumes_unfinished_runs_and_keeps_their_time(tmp_path):
     folder = tmp_path / "b"
+    f1, f2 = {"a": "f1", "b": "f1"}, {"a": "f1", "b": "f2"}
     il = Interleaver(folder, ["a", "b"], _command(tmp_path, 60), slots=1, quantum_s=0.2, cores=[0],
-                     fingerprint="f1", log=lambda m: None)
+                     settings=f1, log=lambda m: None)
     il._schedule(time.time())
     time.sleep(0.5)
     il.records[0].active_s = 0.5
     il.shutdown()   # what Ctrl-C does
     first = json.loads((folder / "bench.json").read_text())["runs"][0]
     assert first["status"] == "pending" and first["segments"][0][1] is not None
-    with pytest.raises(RuntimeError, match="another spec"):
-        Interleaver(folder, ["a", "b"], _command(tmp_path, 60), 1, fingerprint="f2", log=lambda m: None)
+    with pytest.raises(RuntimeError, match=r"run\(s\) \['b'\] made with other settings"):
+        Interleaver(folder, ["a", "b"], _command(tmp_path, 60), 1, settings=f2, log=lambda m: None)
     il2 = Interleaver(folder, ["a", "b"], _command(tmp_path, 60), slots=1, quantum_s=0.2, cores=[0],
-                      fingerprint="f1", log=lambda m: None)
+                      settings=f1, log=lambda m: None)
     records = il2.run(tick_s=0.02)
     assert [r.status for r in records] == ["done", "done"]
     assert records[0].restarts == 1 and len(records[0].segments) == 2 and records[0].active_s > 0.5
     assert sum(1 for _ in open(tmp_path / "a.ticks")) == 60   # continued, not started over
+
+
+def test_a_folder_grows_by_new_runs_and_keeps_the_runs_it_has(tmp_path):
+    folder = tmp_path / "b"
+    Interleaver(folder, ["a"], _command(tmp_path, 20), slots=1, quantum_s=0.2, cores=[0],
+                settings={"a": "fa"}, log=lambda m: None).run(tick_s=0.02)
+    done_a = json.loads((folder / "bench.json").read_text())["runs"][0]
+    grown = Interleaver(folder, ["a", "b"], _command(tmp_path, 20), slots=1, quantum_s=0.2, cores=[0],
+                        settings={"a": "fa", "b": "fb"}, log=lambda m: None)
+    assert [r.status for r in grown.run(tick_s=0.02)] == ["done", "done"]
+    saved = {r["name"]: r for r in json.loads((folder / "bench.json").read_text())["runs"]}
+    assert saved["a"] == done_a and saved["b"]["settings"] == "fb"   # a not run again
+    assert sum(1 for _ in open(tmp_path / "a.ticks")) == 20
+    # a later invocation naming only c keeps a and b in the folder
+    Interleaver(folder, ["c"], _command(tmp_path, 1), slots=1, cores=[0], settings={"c": "fc"},
+                log=lambda m: None).run(tick_s=0.02)
+    assert [r["name"] for r in json.loads((folder / "bench.json").read_text())["runs"]] == ["c", "a", "b"]
+
+
+def test_a_folder_from_before_per_run_settings_is_checked_once_by_the_whole_fingerprint(tmp_path):
+    folder = tmp_path / "b"
+    folder.mkdir()
+    run = {"name": "a", "status": "done", "active_s": 3.0, "segments": [[0.0, 3.0]], "pauses": [],
+           "restarts": 0, "returncode": 0, "pgid": None}
+    (folder / "bench.json").write_text(json.dumps({"fingerprint": "whole", "slots": 1, "quantum_s": 60, "runs": [run]}))
+    asked = []
+    with pytest.raises(RuntimeError, match="another spec"):
+        Interleaver(folder, ["a", "b"], _command(tmp_path, 1), 1, settings={"a": "fa", "b": "fb"},
+                    legacy_fingerprint=lambda names: asked.append(names) or "other", log=lambda m: None)
+    assert asked == [["a"]]   # the old fingerprint covered the runs the folder held
+    il = Interleaver(folder, ["a", "b"], _command(tmp_path, 1), 1, settings={"a": "fa", "b": "fb"},
+                     legacy_fingerprint=lambda names: "whole", log=lambda m: None)
+    assert [(r.name, r.status, r.settings) for r in il.records] == [("a", "done", "fa"), ("b", "pending", "fb")]
+    il.save()
+    assert "fingerprint" not in json.loads((folder / "bench.json").read_text())
+
+
+def test_bench_run_adds_variants_to_a_folder_but_keeps_its_spec_and_overrides(tmp_path):
+    from dsvit.bench.cli import _spec
+    path = _write_spec(tmp_path, {"baseline": {}, "toe": {"overrides": ["plugins.toe.enabled=true"]},
+                                  "pss": {"plugins_from": "pss"}}, seeds=[0])
+    folder = tmp_path / "bench"
+    args = lambda only, overrides=(): argparse.Namespace(spec=str(path), overrides=list(overrides), only=only)  # noqa: E731
+    assert [r.name for r in _spec(folder, args("baseline")).runs] == ["baseline-s0"]
+    assert [r.name for r in _spec(folder, args("pss,baseline")).runs] == ["baseline-s0", "pss-s0"]
+    assert [r.name for r in _spec(folder).runs] == ["baseline-s0", "pss-s0"]   # what `bench report` reads
+    with pytest.raises(ConfigError, match="other overrides"):
+        _spec(folder, args("toe", ["train.epochs=1"]))
+    assert [r.name for r in _spec(folder, args("")).runs] == ["baseline-s0", "toe-s0", "pss-s0"]   # all
 
 
 def test_interleaver_kills_runs_left_over_by_a_killed_benchmark(tmp_path):

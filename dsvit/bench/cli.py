@@ -4,8 +4,11 @@
     dsvit bench report --dir DIR [--results FILE]
     dsvit bench throughput [--model ...] [--methods ...]      (step speed only; see --help there)
 
-``run`` is resumable: run it again with the same arguments after an interruption. Extra
-``section.key=value`` arguments apply to every run (e.g. ``data.root=/data/cifar10-shards``).
+``run`` is resumable: run it again with the same arguments after an interruption. A folder also
+grows: run it again with another ``--only``, or after adding a variant or a seed to the spec, and the
+new runs join the old ones in its table (a run the folder holds must keep its settings; the report
+names the runs that did not run beside the baseline). Extra ``section.key=value`` arguments apply
+to every run (e.g. ``data.root=/data/cifar10-shards``).
 """
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ def add_bench_parser(sub) -> None:
                    help="runs going at once (default: one per GPU on a GPU machine, as DeepSpeed's "
                         "accelerator sees it; else one per core this process may use)")
     r.add_argument("--quantum", type=float, default=60.0, help="seconds between switches")
-    r.add_argument("--only", default="", help="comma-separated variants to run (default: all)")
+    r.add_argument("--only", default="", help="comma-separated variants to run (default: all); "
+                                             "in a folder that has runs, adds these variants to them")
     r.add_argument("--results", default="", help="also write the table into this markdown file")
     r.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="applied to every run (e.g. data.root=/data/cifar10-shards)")
@@ -46,14 +50,21 @@ def add_bench_parser(sub) -> None:
 
 
 def _spec(folder: Path, args=None):
+    """The folder's spec; ``args`` (a `bench run`) may add variants to it (another --only), never
+    change the spec file or the common overrides its runs were made with."""
     from dsvit.bench import spec as S
     saved = folder / "bench_args.json"
     if args is not None:
         given = {"spec": str(Path(args.spec).resolve()), "overrides": list(args.overrides),
                  "only": [v for v in args.only.split(",") if v]}
-        if saved.exists() and json.loads(saved.read_text()) != given:
-            raise C.ConfigError(f"{folder} holds a benchmark started with other arguments "
-                                f"({saved.read_text().strip()}); use another --dir to start a new one")
+        if saved.exists():
+            before = json.loads(saved.read_text())
+            if {k: before[k] for k in ("spec", "overrides")} != {k: given[k] for k in ("spec", "overrides")}:
+                raise C.ConfigError(f"{folder} holds a benchmark of another spec or other overrides "
+                                    f"({saved.read_text().strip()}); use another --dir to start a new one")
+            # the runs already there stay in the folder's table: --only adds to them (empty: every variant)
+            given["only"] = (before["only"] + [v for v in given["only"] if v not in before["only"]]
+                             if before["only"] and given["only"] else [])
         folder.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps(given))
     if not saved.exists():
@@ -84,8 +95,9 @@ def cmd_run(args) -> int:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     print(f"bench {spec.name}: {len(runs)} runs, {args.slots} at a time, switching every {args.quantum:.0f} s; "
           f"folder {folder}", flush=True)
-    records = Interleaver(folder, list(runs), command, args.slots, args.quantum, spec.fingerprint(), env,
-                          log=lambda m: print(m, flush=True), devices=devices).run()
+    records = Interleaver(folder, list(runs), command, args.slots, args.quantum, spec.settings(), env,
+                          log=lambda m: print(m, flush=True), devices=devices,
+                          legacy_fingerprint=spec.fingerprint).run()
     failed = [r.name for r in records if r.status == "failed"]
     _report(folder, spec, args.results)
     if failed:
@@ -138,8 +150,9 @@ def _report(folder: Path, spec, results: str) -> None:
     cfg = C.load_config(str(folder / "recipes" / f"{spec.runs[0].name}.yaml"), list(spec.runs[0].overrides))
     global_batch = cfg.train.batch_size   # global per optimizer step
     variant_of = {r.name: r.variant for r in spec.runs}
+    apart = R.apart_from_baseline({n: records[n] for n in done}, variant_of, spec.baseline)
     try:
-        rows = R.table(done, variant_of, spec.baseline, global_batch, spec.notes())
+        rows = R.table(done, variant_of, spec.baseline, global_batch, spec.notes(), apart)
     except ValueError as e:   # e.g. --only without the baseline: the runs are kept, there is no table
         print(f"bench: no table: {e} (ratios need it: run it too, with --only {spec.baseline},...)", flush=True)
         return
@@ -150,7 +163,9 @@ def _report(folder: Path, spec, results: str) -> None:
             f"({len(done)} runs, {state['slots']} at a time, switched every {state['quantum_s']:.0f} s)\n\n"
             + R.markdown(rows, spec.baseline)
             + "\nWhere the wall time goes (seconds of active time, share of end to end):\n\n"
-            + R.time_table(done, variant_of)
+            + R.time_table(done, variant_of, apart)
+            + (f"\nRan apart from the baseline (added to the folder later: their times are not side by side "
+               f"with it, their accuracy is comparable): {', '.join(apart)}\n" if apart else "")
             + (f"\nNot finished: {', '.join(missing)}\n" if missing else ""))
     (folder / "report.md").write_text(body)
     print(body)

@@ -40,6 +40,14 @@ def active_at(t: float, segments: list, pauses: list) -> float:
     return launched - overlap(float("-inf"), t, pauses)
 
 
+def apart_from_baseline(records: dict, variant_of: dict, baseline: str) -> list:
+    """The runs launched only while no baseline run was (a folder grown later): their time columns
+    do not come from the same stretch of the machine's drift as the baseline's."""
+    base = [seg for name, r in records.items() if variant_of.get(name) == baseline for seg in r["segments"]]
+    return [name for name, r in records.items() if variant_of.get(name, baseline) != baseline
+            and not any(overlap(s, e if e is not None else s, base) for s, e in r["segments"])]
+
+
 @dataclass
 class RunTimes:
     name: str
@@ -118,8 +126,11 @@ def _by_variant(runs: dict, variant_of: dict) -> dict:
     return out
 
 
-def table(runs: dict, variant_of: dict, baseline: str, global_batch: int, notes: dict = None) -> list[Row]:
-    """``runs``: name -> RunTimes; ``variant_of``: name -> variant label (the spec's order)."""
+def table(runs: dict, variant_of: dict, baseline: str, global_batch: int, notes: dict = None,
+          apart: tuple = ()) -> list[Row]:
+    """``runs``: name -> RunTimes; ``variant_of``: name -> variant label (the spec's order). The time
+    columns of a variant come from its runs beside the baseline where it has any (``apart``: the
+    others, see ``apart_from_baseline``); top-1 from all its runs."""
     by_variant = _by_variant(runs, variant_of)
     if baseline not in by_variant:
         raise ValueError(f"the baseline '{baseline}' has no finished run yet")
@@ -130,15 +141,18 @@ def table(runs: dict, variant_of: dict, baseline: str, global_batch: int, notes:
     rows = []
     for variant, rs in by_variant.items():
         top1 = [r.top1 for r in rs]
-        e2e, steps_s, macs = mean([r.end_to_end_s for r in rs]), mean([r.steps_s for r in rs]), mean(
-            [r.train_macs for r in rs])
+        timed = [r for r in rs if r.name not in apart] or rs
+        e2e, steps_s, macs = mean([r.end_to_end_s for r in timed]), mean([r.steps_s for r in timed]), mean(
+            [r.train_macs for r in timed])
         flop_red = b_macs / macs
         note = (notes or {}).get(variant, "")
+        if len(timed) < len(rs):
+            note = (note + "; " if note else "") + f"times of {', '.join(r.name for r in timed)} only (beside the baseline)"
         if len(rs) < 2 and variant != baseline and abs(mean(top1) - b_top1) < 1.0:
             note = (note + "; " if note else "") + "one seed, difference < 1 pt: needs a second seed"
         rows.append(Row(variant, len(rs), mean(top1), max(top1) - min(top1), mean(top1) - b_top1, e2e,
                         b_e2e / e2e, b_steps / steps_s,
-                        global_batch * mean([r.steps for r in rs]) / steps_s, flop_red,
+                        global_batch * mean([r.steps for r in timed]) / steps_s, flop_red,
                         (b_steps / steps_s) / flop_red, sum(r.restarts for r in rs), note))
     return rows
 
@@ -156,12 +170,13 @@ def markdown(rows: list[Row], baseline: str) -> str:
     return "\n".join(out + ([""] + notes if notes else [])) + "\n"
 
 
-def time_table(runs: dict, variant_of: dict) -> str:
+def time_table(runs: dict, variant_of: dict, apart: tuple = ()) -> str:
     """Per variant (mean over its seeds): where the end-to-end seconds went, and the share of the
     in-step speed-up that survives end to end is in the main table (speed-up / in steps)."""
     out = ["| method | end to end | start-up | steps | evaluation | checkpoints | rebuilds | other |",
            "|" + "---|" * 8]
     for variant, rs in _by_variant(runs, variant_of).items():
+        rs = [r for r in rs if r.name not in apart] or rs   # as table(): the runs beside the baseline
         mean = lambda f: statistics.fmean([f(r) for r in rs])   # noqa: E731
         parts = [mean(lambda r, k=k: r.breakdown.get(k, 0.0)) for k in INTERVAL_KINDS]
         e2e, steps = mean(lambda r: r.end_to_end_s), mean(lambda r: r.steps_s)

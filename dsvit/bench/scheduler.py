@@ -41,6 +41,7 @@ class RunRecord:
     restarts: int = 0
     returncode: Optional[int] = None
     pgid: Optional[int] = None
+    settings: str = ""               # the run's fingerprint (spec.RunSpec.fingerprint)
 
 
 def pick_active(records: list[RunRecord], slots: int, devices: int = 0) -> list[str]:
@@ -98,8 +99,9 @@ class Interleaver:
     the runs resume from their own last checkpoint)."""
 
     def __init__(self, folder: Path, names: list[str], command: Callable[[str], list],
-                 slots: int, quantum_s: float = 60.0, fingerprint: str = "", env: Optional[dict] = None,
-                 cores: Optional[list[int]] = None, log=print, devices: int = 0):
+                 slots: int, quantum_s: float = 60.0, settings: Optional[dict] = None, env: Optional[dict] = None,
+                 cores: Optional[list[int]] = None, log=print, devices: int = 0,
+                 legacy_fingerprint: Optional[Callable[[list], str]] = None):
         self.folder, self.command, self.slots, self.quantum_s = Path(folder), command, slots, quantum_s
         self.env, self.log, self.devices = env, log, devices
         if devices and env is None:
@@ -108,21 +110,33 @@ class Interleaver:
         self.state_path = self.folder / "bench.json"
         self.procs: dict[str, subprocess.Popen] = {}
         self.stopped_at: dict[str, float] = {}
-        self.records = self._load(names, fingerprint)
+        self.kept: list[RunRecord] = []   # runs of this folder not asked for this time: kept as they are
+        self.records = self._load(names, settings or {}, legacy_fingerprint)
         self.by_name = {r.name: r for r in self.records}
 
     # ------------------------------------------------------------ state
-    def _load(self, names: list[str], fingerprint: str) -> list[RunRecord]:
+    def _load(self, names: list[str], settings: dict, legacy_fingerprint) -> list[RunRecord]:
+        """This folder's records of ``names`` (new ones pending). A folder grows: runs may be added to it
+        (another --only, a variant or seed added to the spec), but a run it holds must keep its settings
+        (``settings``: name -> the run's fingerprint)."""
         old = {}
         if self.state_path.exists():
             saved = json.loads(self.state_path.read_text())
-            if fingerprint and saved.get("fingerprint") not in ("", fingerprint):
-                raise RunStateError(f"{self.folder} holds a benchmark made with another spec (or other "
-                                   f"overrides); use another --dir, or delete {self.state_path} to start over")
             old = {r["name"]: RunRecord(**r) for r in saved["runs"]}
-        self.fingerprint = fingerprint
-        records = [old.get(n, RunRecord(n)) for n in names]
-        for r in records:
+            if saved.get("fingerprint"):   # written before each run kept its own: one check of them all
+                if legacy_fingerprint is None or legacy_fingerprint(list(old)) != saved["fingerprint"]:
+                    raise RunStateError(f"{self.folder} holds a benchmark made with another spec (or other "
+                                        f"overrides); use another --dir, or delete {self.state_path} to start over")
+                for r in old.values():
+                    r.settings = settings.get(r.name, "")
+            changed = [n for n in names if n in old and old[n].settings and old[n].settings != settings.get(n, "")]
+            if changed:
+                raise RunStateError(f"{self.folder} holds run(s) {changed} made with other settings than the spec "
+                                    f"gives them now (a changed variant, recipe or override); use another --dir, "
+                                    f"or delete {self.state_path} to start over")
+        self.kept = [r for n, r in old.items() if n not in names]
+        records = [old.get(n) or RunRecord(n, settings=settings.get(n, "")) for n in names]
+        for r in records + self.kept:
             if r.pgid is not None and r.status == "running":   # left over from an interrupted bench
                 _signal_group(r.pgid, signal.SIGCONT)
                 _signal_group(r.pgid, signal.SIGKILL)
@@ -136,9 +150,8 @@ class Interleaver:
     def save(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "slots": self.slots,
-                                   "quantum_s": self.quantum_s,
-                                   "runs": [vars(r) for r in self.records]}, indent=1))
+        tmp.write_text(json.dumps({"slots": self.slots, "quantum_s": self.quantum_s,
+                                   "runs": [vars(r) for r in self.records + self.kept]}, indent=1))
         os.replace(tmp, self.state_path)
 
     # ------------------------------------------------------------ processes

@@ -40,6 +40,11 @@ class RunSpec:
     recipe: dict               # {base: recipe, plugins: {...}} written next to the run
     overrides: tuple           # section.key=value, seed included
 
+    def fingerprint(self) -> str:
+        """Changes when this run's settings change: a benchmark folder refuses to resume it under others."""
+        text = json.dumps([self.name, self.recipe, list(self.overrides)], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
 
 @dataclass(frozen=True)
 class BenchSpec:
@@ -52,9 +57,15 @@ class BenchSpec:
     def notes(self) -> dict:
         return {label: v.get("note", "") for label, v in self.variants.items()}
 
-    def fingerprint(self) -> str:
-        """Changes when any run's settings change: a resumed benchmark refuses another spec."""
-        text = json.dumps([[r.name, r.recipe, list(r.overrides)] for r in self.runs], sort_keys=True)
+    def settings(self) -> dict:
+        """Each run's fingerprint, by name: what a benchmark folder checks its runs against."""
+        return {r.name: r.fingerprint() for r in self.runs}
+
+    def fingerprint(self, names=None) -> str:
+        """The whole spec's (or the named runs') fingerprint: what bench.json held before it kept one per
+        run, checked once when such a folder is resumed or extended."""
+        runs = [r for r in self.runs if names is None or r.name in names]
+        text = json.dumps([[r.name, r.recipe, list(r.overrides)] for r in runs], sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
