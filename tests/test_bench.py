@@ -189,22 +189,27 @@ def test_table_ratios_against_the_baseline_mean():
 
 
 def test_seeds_run_apart_from_the_baseline_give_top1_but_not_time():
-    # fast-s1 was added to the folder after the baseline had finished (another stretch of drift)
+    # fast-s1 and base-s1 were added to the folder after the first seeds had finished (another
+    # stretch of the machine's drift); slow-s0 started as the baseline ended
     records = {"base-s0": {"segments": [[0.0, 100.0]]}, "fast-s0": {"segments": [[10.0, 60.0], [90.0, 95.0]]},
-               "fast-s1": {"segments": [[200.0, 230.0]]}, "slow-s0": {"segments": [[100.0, None]]}}
-    variant_of = {"base-s0": "base", "fast-s0": "fast", "fast-s1": "fast", "slow-s0": "slow"}
+               "fast-s1": {"segments": [[200.0, 230.0]]}, "slow-s0": {"segments": [[100.0, None]]},
+               "base-s1": {"segments": [[300.0, 400.0]]}}
+    variant_of = {"base-s0": "base", "base-s1": "base", "fast-s0": "fast", "fast-s1": "fast", "slow-s0": "slow"}
     apart = R.apart_from_baseline(records, variant_of, "base")
-    assert apart == ["fast-s1", "slow-s0"]   # touching the baseline's end is not beside it
-    runs = {"base-s0": _times("base-s0", 50.0, 100.0, 80.0, 1000.0),
+    assert apart == ["fast-s1", "slow-s0", "base-s1"]   # touching the baseline's end is not beside it
+    runs = {"base-s0": _times("base-s0", 50.0, 100.0, 80.0, 1000.0), "base-s1": _times("base-s1", 52.0, 50.0, 40.0, 1000.0),
             "fast-s0": _times("fast-s0", 50.0, 50.0, 40.0, 500.0), "fast-s1": _times("fast-s1", 52.0, 25.0, 20.0, 500.0)}
     rows = {r.variant: r for r in R.table(runs, variant_of, "base", 10, {}, apart)}
+    assert rows["base"].top1 == 51.0 and rows["base"].end_to_end_s == 100.0   # time: base-s0's only
     assert rows["fast"].seeds == 2 and rows["fast"].top1 == 51.0   # accuracy from both seeds
     assert rows["fast"].speedup == pytest.approx(2.0) and rows["fast"].steps_speedup == pytest.approx(2.0)
     assert "times of fast-s0 only" in rows["fast"].note
     only_apart = R.table({**runs, "slow-s0": _times("slow-s0", 49.0, 200.0, 160.0, 1000.0)}, variant_of, "base",
                          10, {}, apart)
-    assert only_apart[-1].variant == "slow" and only_apart[-1].speedup == pytest.approx(0.5)   # nothing else
+    assert only_apart[-1].variant == "slow" and "not comparable" in only_apart[-1].note
     assert "| fast | 50 s |" in R.time_table(runs, variant_of, apart)
+    # a sequential folder (no baseline seed beside another): only the first baseline run is the reference
+    assert R.apart_from_baseline({"base-s0": {"segments": [[0.0, 1.0]]}}, {"base-s0": "base"}, "base") == []
 
 
 def test_replace_section_appends_once_then_replaces_in_place():
@@ -343,7 +348,13 @@ def test_bench_run_adds_variants_to_a_folder_but_keeps_its_spec_and_overrides(tm
     assert [r.name for r in _spec(folder).runs] == ["baseline-s0", "pss-s0"]   # what `bench report` reads
     with pytest.raises(ConfigError, match="other overrides"):
         _spec(folder, args("toe", ["train.epochs=1"]))
+    with pytest.raises(ConfigError, match="--only toee"):   # refused, and not saved into the folder
+        _spec(folder, args("toee"))
     assert [r.name for r in _spec(folder, args("")).runs] == ["baseline-s0", "toe-s0", "pss-s0"]   # all
+    # a folder written before each run kept its settings holds the fingerprint of its --only's runs
+    # (spec order): the grown spec gives the same one for those runs
+    assert _spec(folder).fingerprint(["baseline-s0", "pss-s0"]) == S.load(path, (), ["pss", "baseline"]).fingerprint()
+    assert _spec(folder).fingerprint(["baseline-s0", "pss-s0"]) != S.load(path, (), ["toe", "baseline"]).fingerprint()
 
 
 def test_interleaver_kills_runs_left_over_by_a_killed_benchmark(tmp_path):

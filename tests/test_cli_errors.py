@@ -143,15 +143,19 @@ def bench_spec(tmp_path: Path, dataset: Path, epochs: int) -> Path:
     return spec
 
 
-def test_a_changed_bench_spec_is_one_line(tmp_path, dataset):
+@pytest.mark.parametrize("saved", [
+    {"fingerprint": "another-spec", "runs": []},   # bench.json as written before runs kept their own
+    {"runs": [{"name": "base-s0", "status": "done", "active_s": 1.0, "segments": [[0.0, 1.0]], "pauses": [],
+               "restarts": 0, "returncode": 0, "pgid": None, "settings": "another-setting"}]}])
+def test_a_changed_bench_spec_is_one_line(tmp_path, dataset, saved):
     spec = bench_spec(tmp_path, dataset, 1)
     folder = tmp_path / "bench"
     folder.mkdir()
     (folder / "bench_args.json").write_text(json.dumps({"spec": str(spec.resolve()), "overrides": [], "only": []}))
-    (folder / "bench.json").write_text(json.dumps({"fingerprint": "another-spec", "slots": 1, "quantum_s": 60,
-                                                   "runs": []}))
+    (folder / "bench.json").write_text(json.dumps({"slots": 1, "quantum_s": 60, **saved}))
     proc = dsvit(tmp_path, "bench", "run", spec, "--dir", folder, "--slots", "1")
-    one_line_error(proc, "holds a benchmark made with another spec", "use another --dir")
+    one_line_error(proc, "another spec" if "fingerprint" in saved else "['base-s0'] made with other settings",
+                   "use another --dir")
 
 
 def _signal_state(pid: int) -> str:

@@ -85,7 +85,7 @@ def test_smoke_mode_summarises_every_part_with_numbers(tmp_path):
 
     # 5: top-1 and times for both runs, every planned epoch evaluated
     rows = {r["run"]: r for r in table(part["5"])}
-    assert sorted(rows) == ["baseline", "stack"]
+    assert sorted(rows) == ["baseline", "stack-et"]
     for r in rows.values():
         assert is_number(r["top-1"]) and is_number(r["end to end s"]) and is_number(r["training loop s"])
         done, planned = r["epochs evaluated"].split(" / ")

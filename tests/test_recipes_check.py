@@ -127,6 +127,23 @@ def test_stack_variants_grow_at_stack_yaml_fractions_of_a_300_epoch_run():
         assert rows[-1].drop_path == PAPER["drop_path"] and rows[-1].magnitude == 9
 
 
+def test_stack_et_variants_are_stack_et_with_efficienttrains_published_deit_schedule():
+    import dataclasses
+    ref = C.load_config("stack-et")
+    published = C.load_config("efficienttrain").plugins["efficienttrain"]
+    for name in DEIT:
+        cfg = C.load_config(f"{name}-stack-et", [NOWHERE])
+        # growth as stack-et grows (the depth only) but leaving the augmentation to EfficientTrain++
+        assert cfg.plugins["growth"] == dataclasses.replace(ref.plugins["growth"], augreg=False)
+        assert cfg.plugins["token_pruning"] == ref.plugins["token_pruning"]
+        assert cfg.plugins["efficienttrain"] == dataclasses.replace(published, lr_clock="compute")
+        assert cfg.data.auto_augment == PAPER["rand_augment"] and set(cfg.plugins) == set(ref.plugins)
+        p = plan(f"{name}-stack-et", world_size=32)
+        rows = growth_stages(cfg.plugins["growth"], cfg, p.total_steps, p.epoch_steps)
+        assert [r.depth for r in rows] == [6, 8, 10, 12] and {r.resolution for r in rows} == {224}
+        assert "96 px (36 patches), RandAugment m0" in "\n".join(p.lines)
+
+
 @pytest.mark.parametrize("unit,starts", [("fraction", [0.0, 0.3, 0.55, 0.8]), ("epoch", [0, 1, 2, 3]),
                                          ("step", [0, 50, 120, 250])])
 def test_growth_stage_starts_are_the_plugins_own(unit, starts):

@@ -11,7 +11,8 @@
 #     here: images/s, data-wait fraction, device memory after each engine rebuild
 #   3 the stack under zero3-bf16: device memory across rebuilds         } side by side
 #   4 an identity rebuild in bf16: losses within bf16 tolerance of none  }
-#   5 CIFAR-10 (cifar10-bench recipe, CIFAR_EPOCHS=20), baseline and stack side by side on the GPU:
+#   5 CIFAR-10 (cifar10-bench recipe, CIFAR_EPOCHS=20), baseline and stack-et (the composition that
+#     reached 3x on the 2-core CPU: growth's depth + EfficientTrain++ + tokens) side by side on the GPU:
 #     top-1 and time each; JPEGs from shared/data or ../shared/data (the part is skipped without)
 # Smoke mode: the same parts with tiny models and data (part 5 on the generated dataset), on CPU.
 # Environment: PYTHON (default .venv/bin/python, else python3), WHEELS (below), ACCEPTANCE_WORK (the
@@ -181,13 +182,13 @@ part5() {
     say "skip: no cifar10-jpeg.tar.gz in shared/data or ../shared/data (the shared CIFAR-10 JPEGs)"; return 3
   fi
   await_prep cifar
-  helper stack_recipe "$ROOT/dsvit/recipes/stack.yaml" "$WORK/cifar-stack.yaml"
+  helper stack_recipe "$ROOT/dsvit/recipes/stack-et.yaml" "$WORK/cifar-stack-et.yaml"
   local a b rc=0 common="$BF16 data.root=$WORK/cifar-shards data.val_split=$CIFAR_VAL data.workers=$CIFAR_WORKERS"
   common+=" train.epochs=$CIFAR_EPOCHS checkpoint.every_epochs=0 log.every_steps=$CIFAR_LOG $CIFAR_MODEL"
   train cifar-baseline cifar10-bench $common & a=$!
-  train cifar-stack "$WORK/cifar-stack.yaml" $common & b=$!
+  train cifar-stack-et "$WORK/cifar-stack-et.yaml" $common & b=$!
   wait $a || rc=1; wait $b || rc=1
-  helper cifar "$CIFAR_EPOCHS" "baseline=$WORK/runs/cifar-baseline" "stack=$WORK/runs/cifar-stack" >> "$PART_OUT"
+  helper cifar "$CIFAR_EPOCHS" "baseline=$WORK/runs/cifar-baseline" "stack-et=$WORK/runs/cifar-stack-et" >> "$PART_OUT"
   return $rc
 }
 
@@ -330,7 +331,7 @@ def cifar(epochs, *labelled):
         fail(f"no top-1 for {', '.join(missing)}")
 
 def stack_recipe(stack_yaml, out):
-    """cifar10-bench with the stack recipe's plugins (benchmarks/stack_bench.yaml's 'stack')."""
+    """cifar10-bench with a recipe's plugins (as benchmarks/stack_bench.yaml's plugins_from does)."""
     import yaml
     plugins = yaml.safe_load(Path(stack_yaml).read_text())["plugins"]
     Path(out).write_text(yaml.safe_dump({"base": "cifar10-bench", "plugins": plugins}, sort_keys=False))
@@ -369,7 +370,7 @@ finish() {  # N TITLE: wait for part N; add its section and status line to the s
   esac
   if [ "$n" = 5 ] && { [ $rc = 124 ] || [ $rc = 137 ]; }; then   # what the runs reached before the limit
     PYTHONPATH="$ROOT" timeout 20 "$PY" "$WORK/helper.py" cifar "$CIFAR_EPOCHS" \
-        "baseline=$WORK/runs/cifar-baseline" "stack=$WORK/runs/cifar-stack" >> "$OUT/parts/5.md" 2>&1 || true
+        "baseline=$WORK/runs/cifar-baseline" "stack-et=$WORK/runs/cifar-stack-et" >> "$OUT/parts/5.md" 2>&1 || true
   fi
   { echo "## $2"; echo; cat "$OUT/parts/$n.md"; echo; echo "part $n: $status"; echo; } >> "$SUMMARY"
 }
@@ -395,7 +396,7 @@ start 2 "$LIM2"; finish 2 "2. DeepSpeed training, ViT-B/16, bf16, ZeRO-1, baseli
 start 3 "$LIM3"; start 4 "$LIM3"
 finish 3 "3. the stack under ZeRO-3 (zero3-bf16): device memory across rebuilds"
 finish 4 "4. identity rebuild in bf16: loss trace against no rebuild"
-start 5 "$LIM5"; finish 5 "5. CIFAR-10 (cifar10-bench, $CIFAR_EPOCHS epochs), baseline and stack side by side"
+start 5 "$LIM5"; finish 5 "5. CIFAR-10 (cifar10-bench, $CIFAR_EPOCHS epochs), baseline and stack-et side by side"
 cleanup
 echo "total: $((SECONDS - T0)) s; $([ $BAD = 0 ] && echo "every part ok or skipped" || echo "a part FAILED, timed out or did not run")" >> "$SUMMARY"
 cat "$SUMMARY"

@@ -7,7 +7,7 @@
 ``run`` is resumable: run it again with the same arguments after an interruption. A folder also
 grows: run it again with another ``--only``, or after adding a variant or a seed to the spec, and the
 new runs join the old ones in its table (a run the folder holds must keep its settings; the report
-names the runs that did not run beside the baseline). Extra ``section.key=value`` arguments apply
+names the runs that did not run beside the baseline's first seed). Extra ``section.key=value`` arguments apply
 to every run (e.g. ``data.root=/data/cifar10-shards``).
 """
 from __future__ import annotations
@@ -65,8 +65,10 @@ def _spec(folder: Path, args=None):
             # the runs already there stay in the folder's table: --only adds to them (empty: every variant)
             given["only"] = (before["only"] + [v for v in given["only"] if v not in before["only"]]
                              if before["only"] and given["only"] else [])
+        spec = S.load(given["spec"], given["overrides"], given["only"])   # a typo is refused, not saved
         folder.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps(given))
+        return spec
     if not saved.exists():
         raise C.ConfigError(f"{folder} is not a benchmark folder (no bench_args.json); run `dsvit bench run` first")
     given = json.loads(saved.read_text())
@@ -165,7 +167,7 @@ def _report(folder: Path, spec, results: str) -> None:
             + "\nWhere the wall time goes (seconds of active time, share of end to end):\n\n"
             + R.time_table(done, variant_of, apart)
             + (f"\nRan apart from the baseline (added to the folder later: their times are not side by side "
-               f"with it, their accuracy is comparable): {', '.join(apart)}\n" if apart else "")
+               f"with its first seed, their accuracy is comparable): {', '.join(apart)}\n" if apart else "")
             + (f"\nNot finished: {', '.join(missing)}\n" if missing else ""))
     (folder / "report.md").write_text(body)
     print(body)

@@ -41,11 +41,17 @@ def active_at(t: float, segments: list, pauses: list) -> float:
 
 
 def apart_from_baseline(records: dict, variant_of: dict, baseline: str) -> list:
-    """The runs launched only while no baseline run was (a folder grown later): their time columns
-    do not come from the same stretch of the machine's drift as the baseline's."""
-    base = [seg for name, r in records.items() if variant_of.get(name) == baseline for seg in r["segments"]]
-    return [name for name, r in records.items() if variant_of.get(name, baseline) != baseline
-            and not any(overlap(s, e if e is not None else s, base) for s, e in r["segments"])]
+    """The runs that did not run beside the baseline (a folder grown later): a run is beside it when
+    its launches overlap those of a baseline run that overlaps the baseline's first one; the others'
+    time columns come from another stretch of the machine's drift. Baseline seeds added later are
+    listed too (its time reference is the runs beside its first)."""
+    launches = {name: [(s, e if e is not None else s) for s, e in r["segments"]] for name, r in records.items()}
+    base = sorted((min(s for s, _ in launches[n]), n) for n in records if variant_of.get(n) == baseline and launches[n])
+    if not base:
+        return []
+    first = launches[base[0][1]]
+    reference = [seg for _, n in base for seg in launches[n] if n == base[0][1] or any(overlap(s, e, first) for s, e in launches[n])]
+    return [name for name in records if not any(overlap(s, e, reference) for s, e in launches[name])]
 
 
 @dataclass
@@ -136,7 +142,8 @@ def table(runs: dict, variant_of: dict, baseline: str, global_batch: int, notes:
         raise ValueError(f"the baseline '{baseline}' has no finished run yet")
     mean = lambda xs: statistics.fmean(xs)   # noqa: E731
     base = by_variant[baseline]
-    b_e2e, b_steps = mean([r.end_to_end_s for r in base]), mean([r.steps_s for r in base])
+    base_timed = [r for r in base if r.name not in apart] or base
+    b_e2e, b_steps = mean([r.end_to_end_s for r in base_timed]), mean([r.steps_s for r in base_timed])
     b_top1, b_macs = mean([r.top1 for r in base]), mean([r.train_macs for r in base])
     rows = []
     for variant, rs in by_variant.items():
@@ -146,7 +153,9 @@ def table(runs: dict, variant_of: dict, baseline: str, global_batch: int, notes:
             [r.train_macs for r in timed])
         flop_red = b_macs / macs
         note = (notes or {}).get(variant, "")
-        if len(timed) < len(rs):
+        if all(r.name in apart for r in rs):
+            note = (note + "; " if note else "") + "times not beside the baseline's: not comparable"
+        elif len(timed) < len(rs):
             note = (note + "; " if note else "") + f"times of {', '.join(r.name for r in timed)} only (beside the baseline)"
         if len(rs) < 2 and variant != baseline and abs(mean(top1) - b_top1) < 1.0:
             note = (note + "; " if note else "") + "one seed, difference < 1 pt: needs a second seed"

@@ -126,14 +126,15 @@ class Interleaver:
             if saved.get("fingerprint"):   # written before each run kept its own: one check of them all
                 if legacy_fingerprint is None or legacy_fingerprint(list(old)) != saved["fingerprint"]:
                     raise RunStateError(f"{self.folder} holds a benchmark made with another spec (or other "
-                                        f"overrides); use another --dir, or delete {self.state_path} to start over")
-                for r in old.values():
-                    r.settings = settings.get(r.name, "")
+                                        f"overrides); use another --dir, or delete {self.state_path} and "
+                                        f"{self.folder / 'runs'} to start over")
+            for r in old.values():   # checked above, or from a file that had no fingerprint at all
+                r.settings = r.settings or settings.get(r.name, "")
             changed = [n for n in names if n in old and old[n].settings and old[n].settings != settings.get(n, "")]
             if changed:
                 raise RunStateError(f"{self.folder} holds run(s) {changed} made with other settings than the spec "
                                     f"gives them now (a changed variant, recipe or override); use another --dir, "
-                                    f"or delete {self.state_path} to start over")
+                                    f"or delete {self.state_path} and {self.folder / 'runs'} to start over")
         self.kept = [r for n, r in old.items() if n not in names]
         records = [old.get(n) or RunRecord(n, settings=settings.get(n, "")) for n in names]
         for r in records + self.kept:
