@@ -31,6 +31,7 @@ def test_runs_stay_on_their_accelerator_one_at_a_time_and_share_the_cores():
     recs[2].status = "done"
     assert pick_active(recs, 2, devices=2) == ["e", "b"]
     assert pick_active(recs, 4, devices=2) == ["e", "b", "d", "a"]   # two per GPU when asked
+    assert pick_active(recs, 1, devices=2) == ["e"]   # --slots 1 on 2 GPUs: one run at a time
     assert core_groups(list(range(16)), 2) == [list(range(8)), list(range(8, 16))]
     assert core_groups([0, 1], 2) == [[0], [1]] and core_groups([0, 1], 3) == [[0], [1], [0]]
 

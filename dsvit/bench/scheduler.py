@@ -55,6 +55,8 @@ def pick_active(records: list[RunRecord], slots: int, devices: int = 0) -> list[
         return [name for _, _, name in todo[:slots]]
     per_device, taken, chosen = max(1, slots // devices), {}, []
     for _, i, name in todo:
+        if len(chosen) == slots:   # fewer slots than accelerators: some stay idle, as asked
+            break
         if taken.get(i % devices, 0) < per_device:
             taken[i % devices] = taken.get(i % devices, 0) + 1
             chosen.append(name)
