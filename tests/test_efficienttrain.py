@@ -210,6 +210,19 @@ def test_one_owner_of_the_input_size_with_growth():
     check("plugins.growth.enabled=true")                                            # growth alone
 
 
+def test_one_owner_of_the_augmentation_schedule_with_growth():
+    # both would call set_augmentation each epoch, growth (later) silently replacing ET++'s magnitude
+    depth_only = (ON, "plugins.growth.enabled=true", "plugins.growth.resolution_scale=1")
+    with pytest.raises(ConfigError, match=r"plugins efficienttrain, growth all schedule the loader's "
+                       r"augmentation per epoch: plugins.efficienttrain.augment; plugins.growth.augreg; only one "
+                       r"may: switch all but one schedule off \(plugins.efficienttrain.augment=false, "
+                       r"plugins.growth.augreg=false\)"):
+        check(*depth_only, "data.auto_augment=rand-m9-mstd0.5-inc1")
+    check(*depth_only, "data.auto_augment=rand-m9-mstd0.5-inc1", "plugins.growth.augreg=false")
+    check(*depth_only, "data.auto_augment=rand-m9-mstd0.5-inc1", "plugins.efficienttrain.augment=false")
+    check(*depth_only)   # no RandAugment policy: ET++ schedules none, growth its erasing and drop-path
+
+
 def test_depth_only_growth_leaves_the_reduced_batch_alone():
     from dsvit.plugins.growth import ProgressiveGrowth
     cfg = check(ON, "plugins.growth.enabled=true", "plugins.growth.resolution_scale=1")

@@ -218,7 +218,10 @@ class Interleaver:
                         self.by_name[name].active_s += now - last
                 last = now
                 self._reap(now)
-                if now >= next_switch or len([n for n in self.procs if n not in self.stopped_at]) < self.slots:
+                going = len([n for n in self.procs if n not in self.stopped_at])
+                # a run ended: its slot is taken at once (not when the policy cannot fill it, e.g. the
+                # last runs all bound to one GPU: they switch every quantum, as the others do)
+                if now >= next_switch or going < len(pick_active(self.records, self.slots, self.devices)):
                     self._schedule(now)
                     next_switch = now + self.quantum_s
                     self.save()

@@ -84,6 +84,10 @@ class Footprint:
     # it sets State.lr_clock in fit_start (the learning rate follows its own progress, as a pure
     # function of the step, not the step itself): one plugin may
     lr_clock: bool = False
+    # it sets the loader's augmentation each epoch (State.data.set_augmentation, e.g. a RandAugment
+    # magnitude schedule): one plugin may, or the later one silently replaces the earlier's
+    augmentation: bool = False
+    augmentation_keys: tuple = ()
 
 
 PHASES = ("after_embed", "before_block", "after_attention")   # their order within a block
@@ -95,6 +99,11 @@ def check_composition(plugins, cfg) -> None:
     prints = [(p, p.footprint() or Footprint()) for p in plugins]
     _one_input_size(prints, cfg)
     _only_one(prints, "lr_clock", "set the learning rate's clock (State.lr_clock)")
+    _only_one(prints, "augmentation", "schedule the loader's augmentation per epoch",
+              lambda p, f: f"plugins.{p.name}.{'/'.join(f.augmentation_keys)}",
+              fix="switch all but one schedule off (" + ", ".join(
+                  f"plugins.{p.name}.{f.augmentation_keys[0]}=false" for p, f in prints
+                  if f.augmentation and f.augmentation_keys) + ") or ")
     if not any(f.sites or f.mask_blocks or f.depths for _, f in prints):
         return                      # nothing declared: no model lookup either
     _only_one(prints, "mask_blocks", "provide attention masks (one provider per block)")

@@ -90,7 +90,8 @@ class EfficientTrain(Plugin):
         """The smallest input (for the token plugins' checks) and every input side it trains at."""
         changes = min(self.sides) < self.full
         return Footprint(min_resolution=min(self.sides), resolution_keys=("resolutions",),
-                         input_sizes=tuple(self.sides) if changes else (), lr_clock=self.on_compute_clock)
+                         input_sizes=tuple(self.sides) if changes else (), lr_clock=self.on_compute_clock,
+                         augmentation=bool(self.policy), augmentation_keys=("augment",))
 
     @property
     def on_compute_clock(self) -> bool:

@@ -113,7 +113,8 @@ class ProgressiveGrowth(Plugin):
         return Footprint(depths=tuple(c.depth_list(m)), block_map=surgery.duplicate_last,
                          depth_keys=("depths",) if c.depths else ("depth_scale",),
                          min_resolution=min(res), input_sizes=tuple(res) if owns_size else (),
-                         resolution_keys=("resolutions",) if c.resolutions else ("resolution_scale",))
+                         resolution_keys=("resolutions",) if c.resolutions else ("resolution_scale",),
+                         augmentation=c.augreg, augmentation_keys=("augreg",))
 
     def _build(self, state, depth: int) -> torch.nn.Module:
         arch = dict(self.architecture(), depth=depth)
