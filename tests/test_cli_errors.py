@@ -173,35 +173,43 @@ def _signal_state(pid: int) -> str:
     return "\n".join(keep + [f"wchan: {wchan}", children])
 
 
-def test_ctrl_c_of_bench_run_says_how_to_resume(tmp_path, dataset):
+def _sigint_as_at_a_terminal() -> None:
+    # a suite started in the background by a non-interactive shell (`cmd &`) runs with SIGINT ignored,
+    # and its children inherit that (POSIX), so the bench would never see the test's SIGINT: the
+    # cause of this test's failures under such suites (2026-12-05, /proc's SigIgn said so)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_of_bench_run_says_how_to_resume(tmp_path, dataset, sig):
     spec = bench_spec(tmp_path, dataset, 5000)   # hours of training: interrupted while its run trains
     folder = tmp_path / "bench"
-    # PYTHONFAULTHANDLER: a bench still there after two SIGINTs is sent SIGABRT, which dumps its stacks
+    # PYTHONFAULTHANDLER: a bench still there after two signals is sent SIGABRT, which dumps its stacks
     proc = subprocess.Popen([sys.executable, "-m", "dsvit", "bench", "run", str(spec), "--dir", str(folder),
                              "--slots", "1"], cwd=tmp_path, env={**ENV, "PYTHONFAULTHANDLER": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_as_at_a_terminal)
     log = folder / "logs" / "base-s0.log"
     deadline = time.time() + 180
     while time.time() < deadline and not (log.exists() and "step " in log.read_text()):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     try:
         out, err = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
-        # 2 of 3 suite runs on 2026-12-05 (never alone): the bench went on for 120 s after one SIGINT
-        # and its run never got the SIGTERM of the bench's shutdown; not understood. A second Ctrl-C, as
-        # a user would press, then; what the kernel said of the first one is kept as a warning.
+        # a second signal, as a user would press Ctrl-C again; what the kernel said of the first one
+        # (signal masks: SigIgn showed SIGINT ignored by inheritance) is kept as a warning
         state = _signal_state(proc.pid)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         try:
             out, err = proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:   # say where it hung: faulthandler's stacks, on stderr
             proc.send_signal(signal.SIGABRT)
             out, err = proc.communicate()
-            raise AssertionError(f"bench run still running 60 s after a second SIGINT\n{state}\n{out[-2000:]}\n"
+            raise AssertionError(f"bench run still running 60 s after a second {sig!r}\n{state}\n{out[-2000:]}\n"
                                  f"{err[-4000:]}\n{log.read_text()[-3000:] if log.exists() else 'no run log'}") from None
         import warnings
-        warnings.warn(f"the bench needed a second SIGINT; after the first:\n{state}\nits stderr:\n{err[-2000:]}")
+        warnings.warn(f"the bench needed a second {sig!r}; after the first:\n{state}\nits stderr:\n{err[-2000:]}")
     assert proc.returncode == 130, (out, err)
     assert "Traceback" not in err, err
     # (not torch's import warning, nor the note of a first build of DeepSpeed's op in this environment)

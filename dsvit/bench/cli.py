@@ -92,6 +92,7 @@ def cmd_run(args) -> int:
                 f"run.dir={folder / 'runs' / name}", "checkpoint.resume=auto", "log.progress=false"]
 
     _build_deepspeed_ops()
+    _stop_on_sigterm()
     # torch's threads: one per core a run is pinned to (CPU: one core each; accelerators: a share)
     threads = max(1, len(os.sched_getaffinity(0)) // args.slots) if devices else 1
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
@@ -106,6 +107,19 @@ def cmd_run(args) -> int:
         print(f"bench: failed runs {failed}: see {folder / 'logs'}", file=sys.stderr)
         return 1
     return 0
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (``kill``, ``timeout``, a job scheduler) ends the benchmark as Ctrl-C does: its runs
+    are stopped and bench.json keeps their progress. By default it would end this process alone and
+    leave the runs, each in its own session, training on unseen. (A benchmark started in the
+    background by a non-interactive shell, ``cmd &``, ignores SIGINT from birth, as every such job
+    does: SIGTERM is the signal that reaches it.)"""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def _accelerators() -> int:
