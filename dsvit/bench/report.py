@@ -54,6 +54,11 @@ def apart_from_baseline(records: dict, variant_of: dict, baseline: str) -> list:
     return [name for name in records if not any(overlap(s, e, reference) for s, e in launches[name])]
 
 
+def beside_baseline(rs: list, apart) -> list:
+    """The runs whose times a variant's time columns use: those beside the baseline, else all."""
+    return [r for r in rs if r.name not in apart] or rs
+
+
 @dataclass
 class RunTimes:
     name: str
@@ -142,13 +147,13 @@ def table(runs: dict, variant_of: dict, baseline: str, global_batch: int, notes:
         raise ValueError(f"the baseline '{baseline}' has no finished run yet")
     mean = lambda xs: statistics.fmean(xs)   # noqa: E731
     base = by_variant[baseline]
-    base_timed = [r for r in base if r.name not in apart] or base
+    base_timed = beside_baseline(base, apart)
     b_e2e, b_steps = mean([r.end_to_end_s for r in base_timed]), mean([r.steps_s for r in base_timed])
     b_top1, b_macs = mean([r.top1 for r in base]), mean([r.train_macs for r in base])
     rows = []
     for variant, rs in by_variant.items():
         top1 = [r.top1 for r in rs]
-        timed = [r for r in rs if r.name not in apart] or rs
+        timed = beside_baseline(rs, apart)
         e2e, steps_s, macs = mean([r.end_to_end_s for r in timed]), mean([r.steps_s for r in timed]), mean(
             [r.train_macs for r in timed])
         flop_red = b_macs / macs
@@ -185,7 +190,7 @@ def time_table(runs: dict, variant_of: dict, apart: tuple = ()) -> str:
     out = ["| method | end to end | start-up | steps | evaluation | checkpoints | rebuilds | other |",
            "|" + "---|" * 8]
     for variant, rs in _by_variant(runs, variant_of).items():
-        rs = [r for r in rs if r.name not in apart] or rs   # as table(): the runs beside the baseline
+        rs = beside_baseline(rs, apart)   # as table()
         mean = lambda f: statistics.fmean([f(r) for r in rs])   # noqa: E731
         parts = [mean(lambda r, k=k: r.breakdown.get(k, 0.0)) for k in INTERVAL_KINDS]
         e2e, steps = mean(lambda r: r.end_to_end_s), mean(lambda r: r.steps_s)
